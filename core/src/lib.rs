@@ -1,0 +1,27 @@
+//! qosroute-core: the routing brain, with no I/O.
+//!
+//! Follow the names: a request ([`Request`]) arrives with predictions per expert
+//! ([`ArrivingRequest`]); a [`Policy`] looks at the [`ClusterState`] (every [`ExpertState`]
+//! with its running and waiting [`InFlight`] requests) and returns a [`Decision`]. The
+//! [`impact_of`] estimator predicts what an action does to the new request and to the
+//! requests already on the expert; [`qos`] scores a finished request.
+
+pub mod baselines;
+pub mod expert;
+pub mod impact;
+pub mod policy;
+pub mod qos;
+pub mod request;
+pub mod rng;
+pub mod state;
+pub mod task;
+
+pub use baselines::{BASELINE_NAMES, UnknownPolicy, baseline};
+pub use expert::{ExpertProfile, InvalidProfile, LatencyModel};
+pub use impact::{ActionImpact, Candidate, impact_of};
+pub use policy::{Decision, Policy};
+pub use qos::{per_token_latency_s, qos, reward};
+pub use request::{ArrivingRequest, Prediction, Request, RequestId};
+pub use rng::SimRng;
+pub use state::{ClusterState, ExpertState, InFlight};
+pub use task::{InvalidSlo, PAPER_SLO_S_PER_TOKEN, SloTable, Task, UnknownTask};

@@ -1,0 +1,34 @@
+//! The `Policy` trait: given the cluster state and an arriving request, pick an expert or
+//! reject.
+
+use crate::request::ArrivingRequest;
+use crate::state::ClusterState;
+
+/// What a policy decided for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// Send the request to the expert with this index in [`ClusterState::experts`].
+    Route(usize),
+    /// Refuse the request (it earns QoS 0, but costs no other request anything).
+    Reject,
+}
+
+/// A router. Policies see predicted output lengths and predicted quality only, never the
+/// true ones: [`ArrivingRequest`] and [`ClusterState`] hold no truth.
+pub trait Policy {
+    /// Short name, as the CLI spells it.
+    fn name(&self) -> &str;
+
+    /// Decide where `arriving` goes. Must return `Route(e)` only for an eligible expert
+    /// ([`ClusterState::is_eligible`]); otherwise the caller treats it as a rejection.
+    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision;
+}
+
+impl<P: Policy + ?Sized> Policy for Box<P> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+        (**self).decide(state, arriving)
+    }
+}
