@@ -1,0 +1,432 @@
+//! The event loop: arrivals, decisions, engines, completions, predictors.
+//!
+//! Drive it one decision at a time ([`Simulation::next_decision`], then
+//! [`Simulation::apply`]) or run a whole policy ([`Simulation::run`]). Engine events are
+//! processed in global time order (ties: lowest expert index), so predictors learn from
+//! completions in the order they happen, before any later decision.
+
+use std::sync::Arc;
+
+use qosroute_core::{
+    ArrivingRequest, Candidate, ClusterState, Decision, ExpertState, InFlight, Policy, Prediction,
+    Request, impact_of, per_token_latency_s, qos,
+};
+
+use crate::catalogue::Catalogue;
+use crate::engine::{EngineEvent, ExpertEngine, Job};
+use crate::error::SimError;
+use crate::metrics::{RunReport, summarise};
+use crate::predict::{OutputLengthPredictor, Predictors, QualityPredictor};
+use crate::quality::QualityTable;
+use crate::workload::Workload;
+
+/// What happened to one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestRecord {
+    /// The request as the router saw it.
+    pub request: Request,
+    /// True output tokens.
+    pub true_output_tokens: u32,
+    /// `None` until decided; `Some(None)` when rejected; `Some(Some(e))` when routed to `e`.
+    pub routed_to: Option<Option<usize>>,
+    /// True answer quality of the expert it was routed to.
+    pub quality: f64,
+    /// Time of the first token (NaN until then).
+    pub first_token_s: f64,
+    /// Time of the last token (NaN until then).
+    pub finish_s: f64,
+    /// Output tokens delivered (after any KV limit).
+    pub output_tokens: u32,
+    /// QoS earned (0 until completed under the SLO).
+    pub qos: f64,
+}
+
+impl RequestRecord {
+    /// Whether the request has been completed.
+    pub fn is_completed(&self) -> bool {
+        !self.finish_s.is_nan()
+    }
+
+    /// Per-token latency of a completed request.
+    pub fn per_token_latency_s(&self) -> f64 {
+        per_token_latency_s(self.request.arrival_s, self.finish_s, self.output_tokens)
+    }
+}
+
+/// What one applied decision earned: the parts of the reward.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Step {
+    /// QoS of every request completed since the previous decision.
+    pub qos_completed: f64,
+    /// QoS the action is predicted to destroy among requests on the chosen expert.
+    pub predicted_qos_destroyed: f64,
+    /// Whether the decision named an expert that could not take the request.
+    pub invalid: bool,
+}
+
+impl Step {
+    /// `qos_completed - predicted_qos_destroyed` (DESIGN §1).
+    pub fn reward(&self) -> f64 {
+        qosroute_core::reward(self.qos_completed, self.predicted_qos_destroyed)
+    }
+}
+
+/// One simulation run of a workload on a catalogue.
+#[derive(Debug)]
+pub struct Simulation {
+    catalogue_name: String,
+    workload_spec: String,
+    seed: u64,
+    engines: Vec<ExpertEngine>,
+    /// True quality per (request, expert), row-major.
+    true_quality: Vec<f32>,
+    records: Vec<RequestRecord>,
+    predicted_output: Vec<f64>,
+    predicted_quality: Vec<f64>,
+    predictors: Predictors,
+    next_arrival: usize,
+    pending: bool,
+    clock_s: f64,
+    qos_since_decision: f64,
+    invalid_decisions: u64,
+    state: ClusterState,
+    arriving: ArrivingRequest,
+    events: Vec<EngineEvent>,
+    audit: bool,
+}
+
+impl Simulation {
+    /// Sets up a run. Every expert's model must be a column of the quality table.
+    pub fn new(
+        catalogue: &Catalogue,
+        quality: &QualityTable,
+        workload: &Workload,
+        seed: u64,
+    ) -> Result<Self, SimError> {
+        let mut model_cols = Vec::with_capacity(catalogue.experts.len());
+        for e in &catalogue.experts {
+            let col = quality.model_index(&e.model).ok_or_else(|| SimError::Invalid {
+                path: quality.source.clone(),
+                message: format!(
+                    "expert `{}` serves model `{}`, which is not a column of the table (columns: {})",
+                    e.name,
+                    e.model,
+                    quality.models.join(", ")
+                ),
+            })?;
+            model_cols.push(col);
+        }
+        let n_experts = model_cols.len();
+        let mut true_quality = Vec::with_capacity(workload.requests.len() * n_experts);
+        let mut records = Vec::with_capacity(workload.requests.len());
+        for (i, w) in workload.requests.iter().enumerate() {
+            let row = quality.rows.get(w.quality_row).ok_or(SimError::Protocol(
+                "workload refers to a row the quality table does not have",
+            ))?;
+            true_quality.extend(model_cols.iter().map(|&c| row.quality[c]));
+            records.push(RequestRecord {
+                request: Request {
+                    id: i as u64,
+                    arrival_s: w.arrival_s,
+                    task: w.task,
+                    prompt_tokens: w.prompt_tokens,
+                    slo_s_per_token: catalogue.slo.slo_s_per_token(w.task),
+                },
+                true_output_tokens: w.output_tokens.max(1),
+                routed_to: None,
+                quality: 0.0,
+                first_token_s: f64::NAN,
+                finish_s: f64::NAN,
+                output_tokens: 0,
+                qos: 0.0,
+            });
+        }
+        let profiles: Vec<Arc<_>> = catalogue.experts.iter().cloned().map(Arc::new).collect();
+        let priors = model_cols
+            .iter()
+            .map(|&c| quality.calibration_priors(c))
+            .collect();
+        Ok(Self {
+            catalogue_name: catalogue.name.clone(),
+            workload_spec: workload.spec.clone(),
+            seed,
+            engines: profiles.iter().cloned().map(ExpertEngine::new).collect(),
+            true_quality,
+            predicted_output: vec![0.0; records.len()],
+            predicted_quality: vec![0.0; records.len()],
+            records,
+            predictors: Predictors {
+                output: OutputLengthPredictor::default(),
+                quality: QualityPredictor::new(priors),
+            },
+            next_arrival: 0,
+            pending: false,
+            clock_s: 0.0,
+            qos_since_decision: 0.0,
+            invalid_decisions: 0,
+            state: ClusterState {
+                now_s: 0.0,
+                experts: profiles.into_iter().map(ExpertState::idle).collect(),
+            },
+            arriving: ArrivingRequest {
+                request: Request {
+                    id: 0,
+                    arrival_s: 0.0,
+                    task: qosroute_core::Task::Chat,
+                    prompt_tokens: 0,
+                    slo_s_per_token: 1.0,
+                },
+                predictions: Vec::with_capacity(n_experts),
+            },
+            events: Vec::new(),
+            audit: false,
+        })
+    }
+
+    /// Check every engine's invariants after each event (for tests; slows the run).
+    pub fn with_audit(mut self, audit: bool) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// Simulated time of the last processed event or arrival.
+    pub fn clock_s(&self) -> f64 {
+        self.clock_s
+    }
+
+    /// Every request's record so far.
+    pub fn records(&self) -> &[RequestRecord] {
+        &self.records
+    }
+
+    /// Number of experts.
+    pub fn experts(&self) -> usize {
+        self.engines.len()
+    }
+
+    /// Processes every engine event up to and including `until_s`, in time order.
+    fn advance_to(&mut self, until_s: f64) -> Result<(), SimError> {
+        loop {
+            let next = self
+                .engines
+                .iter()
+                .enumerate()
+                .filter_map(|(e, eng)| eng.next_event_s().map(|t| (e, t)))
+                .filter(|&(_, t)| t <= until_s)
+                .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+            let Some((e, t)) = next else {
+                return Ok(());
+            };
+            if t < self.clock_s {
+                return Err(SimError::Protocol("an engine event went back in time"));
+            }
+            self.clock_s = t;
+            self.events.clear();
+            self.engines[e].complete_phase(&mut self.events);
+            for ev in std::mem::take(&mut self.events) {
+                self.on_engine_event(e, ev);
+            }
+            if self.audit {
+                self.engines[e]
+                    .audit()
+                    .map_err(|_| SimError::Protocol("engine invariant broken"))?;
+            }
+        }
+    }
+
+    fn on_engine_event(&mut self, e: usize, event: EngineEvent) {
+        match event {
+            EngineEvent::FirstToken { idx, at_s } => self.records[idx].first_token_s = at_s,
+            EngineEvent::Completed {
+                idx,
+                at_s,
+                output_tokens,
+            } => {
+                let r = &mut self.records[idx];
+                r.finish_s = at_s;
+                r.output_tokens = output_tokens;
+                r.qos = qos(
+                    r.quality,
+                    r.per_token_latency_s(),
+                    r.request.slo_s_per_token,
+                );
+                self.qos_since_decision += r.qos;
+                let (task, quality) = (r.request.task, r.quality);
+                self.predictors.output.observe(task, output_tokens);
+                self.predictors.quality.observe(e, task, quality);
+            }
+        }
+    }
+
+    /// Advances to the next arrival and returns the state and the request to decide on, or
+    /// `None` when every request has been decided.
+    pub fn next_decision(&mut self) -> Result<Option<(&ClusterState, &ArrivingRequest)>, SimError> {
+        if self.pending {
+            return Ok(Some((&self.state, &self.arriving)));
+        }
+        let Some(record) = self.records.get(self.next_arrival) else {
+            return Ok(None);
+        };
+        let request = record.request;
+        self.advance_to(request.arrival_s)?;
+        self.clock_s = self.clock_s.max(request.arrival_s);
+        self.snapshot(request.arrival_s);
+        self.arriving.request = request;
+        self.predictors
+            .predict_into(request.task, &mut self.arriving.predictions);
+        self.pending = true;
+        Ok(Some((&self.state, &self.arriving)))
+    }
+
+    /// Rebuilds the cluster state as of `now_s` (no engine event pending before it).
+    fn snapshot(&mut self, now_s: f64) {
+        self.state.now_s = now_s;
+        for (engine, expert) in self.engines.iter().zip(&mut self.state.experts) {
+            expert.running.clear();
+            expert.waiting.clear();
+            expert.up = true;
+            expert.utilisation = if now_s > 0.0 {
+                (engine.busy_s(now_s) / now_s).min(1.0)
+            } else {
+                0.0
+            };
+            let (records, p_out, p_q) = (
+                &self.records,
+                &self.predicted_output,
+                &self.predicted_quality,
+            );
+            engine.for_each_job(now_s, |job: &Job, admitted| {
+                let r = &records[job.idx].request;
+                let in_flight = InFlight {
+                    id: r.id,
+                    task: r.task,
+                    prompt_tokens: r.prompt_tokens,
+                    predicted_output_tokens: p_out[job.idx],
+                    generated_tokens: job.generated_tokens,
+                    elapsed_s: now_s - r.arrival_s,
+                    predicted_quality: p_q[job.idx],
+                    slo_s_per_token: r.slo_s_per_token,
+                };
+                if admitted {
+                    expert.running.push(in_flight);
+                } else {
+                    expert.waiting.push(in_flight);
+                }
+            });
+        }
+    }
+
+    /// Applies the decision for the request returned by the last `next_decision`. A route to
+    /// an expert that cannot take the request counts as a rejection and is flagged invalid.
+    pub fn apply(&mut self, decision: Decision) -> Result<Step, SimError> {
+        if !self.pending {
+            return Err(SimError::Protocol(
+                "apply called without a pending decision",
+            ));
+        }
+        self.pending = false;
+        let idx = self.next_arrival;
+        self.next_arrival += 1;
+        let request = self.arriving.request;
+        let mut step = Step {
+            qos_completed: std::mem::take(&mut self.qos_since_decision),
+            ..Step::default()
+        };
+        let target = match decision {
+            Decision::Route(e) if self.state.is_eligible(e, request.prompt_tokens) => Some(e),
+            Decision::Route(_) => {
+                step.invalid = true;
+                self.invalid_decisions += 1;
+                None
+            }
+            Decision::Reject => None,
+        };
+        self.records[idx].routed_to = Some(target);
+        let Some(e) = target else {
+            return Ok(step);
+        };
+        let prediction: Prediction = self.arriving.predictions[e];
+        step.predicted_qos_destroyed = impact_of(
+            &self.state.experts[e],
+            &Candidate {
+                prompt_tokens: request.prompt_tokens,
+                predicted_output_tokens: prediction.output_tokens,
+                predicted_quality: prediction.quality,
+                slo_s_per_token: request.slo_s_per_token,
+            },
+        )
+        .predicted_qos_destroyed;
+        self.predicted_output[idx] = prediction.output_tokens;
+        self.predicted_quality[idx] = prediction.quality;
+        let n_experts = self.engines.len();
+        let record = &mut self.records[idx];
+        record.quality = f64::from(self.true_quality[idx * n_experts + e]);
+        // The engine cannot produce more tokens than its KV cache holds beside the prompt.
+        let kv_room = self.engines[e].profile().kv_tokens - u64::from(request.prompt_tokens);
+        let output_tokens = u64::from(record.true_output_tokens).min(kv_room) as u32;
+        self.engines[e].enqueue(
+            Job {
+                idx,
+                arrival_s: request.arrival_s,
+                prompt_tokens: request.prompt_tokens,
+                output_tokens,
+                generated_tokens: 0,
+            },
+            request.arrival_s,
+        );
+        Ok(step)
+    }
+
+    /// Runs every remaining request through `policy` and drains the experts.
+    pub fn run(mut self, policy: &mut dyn Policy) -> Result<RunReport, SimError> {
+        while let Some((state, arriving)) = self.next_decision()? {
+            let decision = policy.decide(state, arriving);
+            self.apply(decision)?;
+        }
+        self.finish(policy.name())
+    }
+
+    /// Lets every expert finish what it holds; requests not yet decided count as rejected.
+    /// Afterwards [`Simulation::records`] are final.
+    pub fn drain(&mut self) -> Result<(), SimError> {
+        if self.pending {
+            return Err(SimError::Protocol("drain called with a decision pending"));
+        }
+        self.advance_to(f64::INFINITY)?;
+        for r in &mut self.records[self.next_arrival..] {
+            r.routed_to = Some(None);
+        }
+        self.next_arrival = self.records.len();
+        Ok(())
+    }
+
+    /// Drains the experts ([`Simulation::drain`]) and summarises the run.
+    pub fn finish(mut self, policy: &str) -> Result<RunReport, SimError> {
+        self.drain()?;
+        let end_s = self
+            .records
+            .iter()
+            .map(|r| {
+                if r.is_completed() {
+                    r.finish_s
+                } else {
+                    r.request.arrival_s
+                }
+            })
+            .fold(0.0, f64::max);
+        let experts: Vec<_> = self
+            .engines
+            .iter()
+            .map(|eng| (eng.profile().clone(), eng.busy_s(end_s)))
+            .collect();
+        Ok(summarise(
+            policy,
+            self.seed,
+            &self.catalogue_name,
+            &self.workload_spec,
+            &self.records,
+            &experts,
+            self.invalid_decisions,
+        ))
+    }
+}
