@@ -5,7 +5,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
     /// A file could not be read.
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Io {
         /// The file.
         path: String,

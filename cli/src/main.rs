@@ -1,0 +1,116 @@
+//! `qosroute`: the workstation tool. Simulate one routing policy, or compare several.
+
+mod compare;
+mod plot;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use qosroute_sim::{Catalogue, QualityTable};
+
+/// Route LLM requests to edge experts: simulate and compare routing policies.
+#[derive(Debug, Parser)]
+#[command(name = "qosroute", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one policy on one workload and print its metrics.
+    Sim(SimArgs),
+    /// Run several policies over several seeds (optionally a load sweep) and compare them.
+    Compare(compare::CompareArgs),
+}
+
+/// Inputs every simulation needs.
+#[derive(Debug, Args)]
+struct Inputs {
+    /// Expert catalogue (TOML), e.g. configs/experts/edge-mixed.toml.
+    #[arg(long)]
+    experts: PathBuf,
+    /// Workload: poisson:rate=R[,n=N] | bursty:low=R1,high=R2[,dwell=S][,n=N] |
+    /// trace:PATH[,speed=X][,n=N][,offset=S].
+    #[arg(long)]
+    workload: String,
+    /// Quality table CSV (default: the one shipped in data/quality/).
+    #[arg(long)]
+    quality: Option<PathBuf>,
+}
+
+impl Inputs {
+    fn load(&self) -> anyhow::Result<(Catalogue, QualityTable)> {
+        let catalogue = Catalogue::load(&self.experts)?;
+        let quality = match &self.quality {
+            Some(path) => QualityTable::load(path)?,
+            None => QualityTable::embedded()?,
+        };
+        Ok((catalogue, quality))
+    }
+}
+
+#[derive(Debug, Args)]
+struct SimArgs {
+    #[command(flatten)]
+    inputs: Inputs,
+    /// Routing policy (see `compare --policies`).
+    #[arg(long, default_value = "qos-greedy")]
+    policy: String,
+    /// Seed of the workload and of randomised policies.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the full run report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
+    let (catalogue, quality) = args.inputs.load()?;
+    let workload = qosroute_sim::generate(&args.inputs.workload, &quality, args.seed)?;
+    let mut policy = qosroute_core::baseline(&args.policy, args.seed)?;
+    let progress = compare::spinner(&format!("simulating {}", args.policy));
+    let report = qosroute_sim::Simulation::new(&catalogue, &quality, &workload, args.seed)?
+        .run(&mut policy)?;
+    progress.finish_and_clear();
+    table::print_run(&report);
+    if let Some(path) = &args.json {
+        write_output(path, serde_json::to_string_pretty(&report)? + "\n")?;
+    }
+    Ok(())
+}
+
+/// Creates the parent folder if needed; the path is named in the error.
+fn prepare_output(path: &std::path::Path) -> anyhow::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create folder", dir.display())),
+        _ => Ok(()),
+    }
+}
+
+/// Writes an output file (creating its folder) and says so on stderr.
+fn write_output(path: &std::path::Path, contents: String) -> anyhow::Result<()> {
+    prepare_output(path)?;
+    std::fs::write(path, contents).with_context(|| format!("{}: cannot write", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Sim(args) => run_sim(args),
+        Command::Compare(args) => compare::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
