@@ -6,6 +6,7 @@
 //! ends in a [`RunReport`].
 
 pub mod catalogue;
+mod csv;
 pub mod engine;
 pub mod error;
 pub mod metrics;

@@ -121,6 +121,21 @@ pub struct RunReport {
     pub per_task: Vec<TaskReport>,
 }
 
+/// From t = 0 to the last event of any request (its completion, or the arrival of one that
+/// never completed).
+pub(crate) fn makespan_s(records: &[RequestRecord]) -> f64 {
+    records
+        .iter()
+        .map(|r| {
+            if r.is_completed() {
+                r.finish_s
+            } else {
+                r.request.arrival_s
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
 fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { 0.0 }
 }
@@ -139,16 +154,7 @@ pub(crate) fn summarise(
     let served: Vec<&RequestRecord> = records.iter().filter(|r| r.is_completed()).collect();
     let violated = |r: &RequestRecord| r.per_token_latency_s() >= r.request.slo_s_per_token;
     let qos_sum: f64 = records.iter().map(|r| r.qos).sum();
-    let makespan_s = records
-        .iter()
-        .map(|r| {
-            if r.is_completed() {
-                r.finish_s
-            } else {
-                r.request.arrival_s
-            }
-        })
-        .fold(0.0, f64::max);
+    let makespan_s = makespan_s(records);
     let busy_s_total: f64 = experts.iter().map(|(_, b)| b).sum();
     let mut latency: Vec<f64> = served.iter().map(|r| r.per_token_latency_s()).collect();
     let mut ttft: Vec<f64> = served

@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use qosroute_core::Task;
 
+use crate::csv::{CsvText, parse_error};
 use crate::error::{SimError, read_file};
 
 /// The quality table shipped in the repository.
@@ -54,15 +55,6 @@ pub struct QualityTable {
     pub rows: Vec<QualityRow>,
 }
 
-fn parse_error(source: &str, line: usize, field: &str, message: impl Into<String>) -> SimError {
-    SimError::Parse {
-        path: source.to_owned(),
-        line,
-        field: field.to_owned(),
-        message: message.into(),
-    }
-}
-
 impl QualityTable {
     /// The table shipped in the repository (compiled in).
     pub fn embedded() -> Result<Self, SimError> {
@@ -76,22 +68,14 @@ impl QualityTable {
 
     /// Parses a table; `source` names it in errors.
     pub fn parse(text: &str, source: &str) -> Result<Self, SimError> {
-        let mut lines = text.lines().enumerate();
-        let Some((_, header)) = lines.next() else {
-            return Err(SimError::Invalid {
-                path: source.into(),
-                message: "empty file".into(),
-            });
-        };
-        let columns: Vec<&str> = header.trim_end_matches('\r').split(',').collect();
-        let find = |name: &str| {
-            columns
-                .iter()
-                .position(|c| *c == name)
-                .ok_or_else(|| parse_error(source, 1, name, "missing column"))
-        };
-        let (id_col, task_col, prompt_col) = (find("id")?, find("task")?, find("prompt_tokens")?);
-        let model_cols: Vec<(usize, String)> = columns
+        let csv = CsvText::parse(text, source)?;
+        let (id_col, task_col, prompt_col) = (
+            csv.column("id")?,
+            csv.column("task")?,
+            csv.column("prompt_tokens")?,
+        );
+        let model_cols: Vec<(usize, String)> = csv
+            .columns
             .iter()
             .enumerate()
             .filter_map(|(i, c)| c.strip_suffix("_quality").map(|m| (i, m.to_owned())))
@@ -104,22 +88,9 @@ impl QualityTable {
                 "no model columns",
             ));
         }
-        let mut rows = Vec::new();
-        for (i, line) in lines {
-            let line_no = i + 1;
-            let line = line.trim_end_matches('\r');
-            if line.is_empty() {
-                continue;
-            }
-            let cells: Vec<&str> = line.split(',').collect();
-            if cells.len() != columns.len() {
-                return Err(parse_error(
-                    source,
-                    line_no,
-                    "row",
-                    format!("{} fields, header has {}", cells.len(), columns.len()),
-                ));
-            }
+        let mut rows = Vec::with_capacity(csv.rows.len());
+        for (line_no, cells) in &csv.rows {
+            let line_no = *line_no;
             let task = Task::from_str(cells[task_col])
                 .map_err(|e| parse_error(source, line_no, "task", e.to_string()))?;
             let prompt_tokens = cells[prompt_col].parse::<u32>().map_err(|e| {

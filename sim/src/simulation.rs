@@ -15,7 +15,7 @@ use qosroute_core::{
 use crate::catalogue::Catalogue;
 use crate::engine::{EngineEvent, ExpertEngine, Job};
 use crate::error::SimError;
-use crate::metrics::{RunReport, summarise};
+use crate::metrics::{RunReport, makespan_s, summarise};
 use crate::predict::{OutputLengthPredictor, Predictors, QualityPredictor};
 use crate::quality::QualityTable;
 use crate::workload::Workload;
@@ -403,17 +403,7 @@ impl Simulation {
     /// Drains the experts ([`Simulation::drain`]) and summarises the run.
     pub fn finish(mut self, policy: &str) -> Result<RunReport, SimError> {
         self.drain()?;
-        let end_s = self
-            .records
-            .iter()
-            .map(|r| {
-                if r.is_completed() {
-                    r.finish_s
-                } else {
-                    r.request.arrival_s
-                }
-            })
-            .fold(0.0, f64::max);
+        let end_s = makespan_s(&self.records);
         let experts: Vec<_> = self
             .engines
             .iter()

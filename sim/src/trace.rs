@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use crate::csv::{CsvText, parse_error};
 use crate::error::{SimError, read_file};
 
 /// The Azure conversation trace shipped in the repository (compiled in).
@@ -56,44 +57,16 @@ fn parse_timestamp(s: &str) -> Option<f64> {
 /// Parses an Azure-format trace; arrivals become seconds since the earliest request, rows
 /// are returned in arrival order (stable for equal times). `source` names it in errors.
 pub fn parse_azure_trace(text: &str, source: &str) -> Result<Vec<TraceRow>, SimError> {
-    let err = |line: usize, field: &str, message: String| SimError::Parse {
-        path: source.to_owned(),
-        line,
-        field: field.to_owned(),
-        message,
-    };
-    let mut lines = text.lines().enumerate();
-    let header = lines
-        .next()
-        .map(|(_, h)| h.trim_end_matches('\r'))
-        .unwrap_or("");
-    let columns: Vec<&str> = header.split(',').collect();
-    let col = |name: &str| {
-        columns
-            .iter()
-            .position(|c| *c == name)
-            .ok_or_else(|| err(1, name, "missing column".into()))
-    };
+    let err = |line: usize, field: &str, message: String| parse_error(source, line, field, message);
+    let csv = CsvText::parse(text, source)?;
     let (ts_col, ctx_col, gen_col) = (
-        col("TIMESTAMP")?,
-        col("ContextTokens")?,
-        col("GeneratedTokens")?,
+        csv.column("TIMESTAMP")?,
+        csv.column("ContextTokens")?,
+        csv.column("GeneratedTokens")?,
     );
-    let mut raw = Vec::new();
-    for (i, line) in lines {
-        let line_no = i + 1;
-        let line = line.trim_end_matches('\r');
-        if line.is_empty() {
-            continue;
-        }
-        let cells: Vec<&str> = line.split(',').collect();
-        if cells.len() != columns.len() {
-            return Err(err(
-                line_no,
-                "row",
-                format!("{} fields, header has {}", cells.len(), columns.len()),
-            ));
-        }
+    let mut raw = Vec::with_capacity(csv.rows.len());
+    for (line_no, cells) in &csv.rows {
+        let line_no = *line_no;
         let ts = parse_timestamp(cells[ts_col]).ok_or_else(|| {
             err(
                 line_no,
