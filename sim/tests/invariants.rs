@@ -123,14 +123,17 @@ fn predictions_never_read_the_truth() {
         let mut changed = base.clone();
         for r in &mut changed.requests[k..] {
             r.output_tokens = r.output_tokens * 3 + 17;
-            // A different row of the same task and prompt length is not guaranteed; any other
-            // row changes the true quality while the policy-visible request stays the same.
-            let other = (r.quality_row + 1) % q.rows.len();
-            r.quality_row = if q.rows[other].task == r.task {
-                other
-            } else {
-                r.quality_row
-            };
+            // Another workload row of the same task with different true quality: what the
+            // policy sees of the request (task, prompt) stays, the truth changes.
+            let row = &q.rows[r.quality_row];
+            let other = (1..q.rows.len())
+                .map(|step| (r.quality_row + step) % q.rows.len())
+                .find(|&j| {
+                    let c = &q.rows[j];
+                    !c.is_calibration() && c.task == row.task && c.quality != row.quality
+                })
+                .unwrap();
+            r.quality_row = other;
         }
         let altered = shown(&changed);
         for i in 0..=k {
