@@ -7,6 +7,7 @@
 //! requests already on the expert; [`qos`] scores a finished request.
 
 pub mod baselines;
+pub mod encoder;
 pub mod expert;
 pub mod impact;
 pub mod policy;
@@ -17,6 +18,7 @@ pub mod state;
 pub mod task;
 
 pub use baselines::{BASELINE_NAMES, UnknownPolicy, baseline};
+pub use encoder::{EncodedState, encode_state};
 pub use expert::{ExpertProfile, InvalidProfile, LatencyModel};
 pub use impact::{ActionImpact, Candidate, impact_of};
 pub use policy::{Decision, Policy};
