@@ -14,6 +14,7 @@ pub mod predict;
 pub mod quality;
 pub mod simulation;
 pub mod trace;
+pub mod training;
 pub mod workload;
 
 pub use catalogue::Catalogue;

@@ -387,8 +387,9 @@ impl Simulation {
     }
 
     /// Lets every expert finish what it holds; requests not yet decided count as rejected.
-    /// Afterwards [`Simulation::records`] are final.
-    pub fn drain(&mut self) -> Result<(), SimError> {
+    /// Afterwards [`Simulation::records`] are final. Returns the QoS of the requests completed
+    /// since the last decision (the tail of the episode's reward).
+    pub fn drain(&mut self) -> Result<f64, SimError> {
         if self.pending {
             return Err(SimError::Protocol("drain called with a decision pending"));
         }
@@ -397,7 +398,7 @@ impl Simulation {
             r.routed_to = Some(None);
         }
         self.next_arrival = self.records.len();
-        Ok(())
+        Ok(std::mem::take(&mut self.qos_since_decision))
     }
 
     /// Drains the experts ([`Simulation::drain`]) and summarises the run.

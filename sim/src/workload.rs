@@ -215,16 +215,55 @@ pub fn with_param(spec: &str, key: &str, value: &str) -> String {
 
 /// Output lengths of the Azure conversation trace: the distribution synthetic requests draw
 /// from.
-fn conv_output_lengths() -> Result<Vec<u32>, SimError> {
+pub fn conv_output_lengths() -> Result<Vec<u32>, SimError> {
     Ok(embedded_conv_trace()?
         .iter()
         .map(|r| r.output_tokens)
         .collect())
 }
 
-/// Generates the workload of `spec` against `quality`, seeded by `seed`.
+/// Everything a workload draws from, already loaded.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadSources<'a> {
+    /// The quality table (requests draw rows of its workload half).
+    pub quality: &'a QualityTable,
+    /// Output lengths synthetic requests draw from.
+    pub output_lengths: &'a [u32],
+    /// Trace rows for `trace:` specs (their path is not read when this is given).
+    pub trace: Option<&'a [TraceRow]>,
+}
+
+/// Generates the workload of `spec` against `quality`, seeded by `seed`, loading the trace
+/// file of a `trace:` spec.
 pub fn generate(spec: &str, quality: &QualityTable, seed: u64) -> Result<Workload, SimError> {
     let parsed = WorkloadSpec::parse(spec)?;
+    let trace_rows = match &parsed {
+        WorkloadSpec::Trace { path, .. } => Some(load_azure_trace(Path::new(path))?),
+        _ => None,
+    };
+    let output_lengths = match &parsed {
+        WorkloadSpec::Trace { .. } => Vec::new(),
+        _ => conv_output_lengths()?,
+    };
+    let sources = WorkloadSources {
+        quality,
+        output_lengths: &output_lengths,
+        trace: trace_rows.as_deref(),
+    };
+    Ok(Workload {
+        spec: spec.to_owned(),
+        requests: synthesize(spec, &parsed, sources, seed)?,
+    })
+}
+
+/// The requests of a parsed spec drawn from loaded sources (`spec` names it in errors).
+pub fn synthesize(
+    spec: &str,
+    parsed: &WorkloadSpec,
+    sources: WorkloadSources<'_>,
+    seed: u64,
+) -> Result<Vec<WorkloadRequest>, SimError> {
+    let quality = sources.quality;
     let pool: Vec<usize> = (0..quality.rows.len())
         .filter(|&i| !quality.rows[i].is_calibration())
         .collect();
@@ -232,25 +271,26 @@ pub fn generate(spec: &str, quality: &QualityTable, seed: u64) -> Result<Workloa
     let mut rows = SimRng::derive(seed, 2);
     let mut outputs = SimRng::derive(seed, 3);
     let mut draw_row = || pool[rows.below(pool.len() as u64) as usize];
+    let lengths = sources.output_lengths;
     let mut synthetic = |times: Vec<f64>, draw_row: &mut dyn FnMut() -> usize| {
-        let lengths = conv_output_lengths()?;
-        Ok::<_, SimError>(
-            times
-                .into_iter()
-                .map(|arrival_s| {
-                    let row = draw_row();
-                    WorkloadRequest {
-                        arrival_s,
-                        task: quality.rows[row].task,
-                        prompt_tokens: quality.rows[row].prompt_tokens,
-                        output_tokens: lengths[outputs.below(lengths.len() as u64) as usize],
-                        quality_row: row,
-                    }
-                })
-                .collect::<Vec<_>>(),
-        )
+        if lengths.is_empty() {
+            return Err(spec_error(spec, "no output lengths to draw from"));
+        }
+        Ok(times
+            .into_iter()
+            .map(|arrival_s| {
+                let row = draw_row();
+                WorkloadRequest {
+                    arrival_s,
+                    task: quality.rows[row].task,
+                    prompt_tokens: quality.rows[row].prompt_tokens,
+                    output_tokens: lengths[outputs.below(lengths.len() as u64) as usize],
+                    quality_row: row,
+                }
+            })
+            .collect::<Vec<_>>())
     };
-    let requests = match parsed {
+    Ok(match *parsed {
         WorkloadSpec::Poisson { rate, n } => {
             let mut t = 0.0;
             let times = (0..n)
@@ -287,13 +327,12 @@ pub fn generate(spec: &str, quality: &QualityTable, seed: u64) -> Result<Workloa
             synthetic(times, &mut draw_row)?
         }
         WorkloadSpec::Trace {
-            path,
-            speed,
-            n,
-            offset_s,
+            speed, n, offset_s, ..
         } => {
-            let rows: Vec<TraceRow> = load_azure_trace(Path::new(&path))?;
-            let selected: Vec<&TraceRow> = rows
+            let trace = sources
+                .trace
+                .ok_or_else(|| spec_error(spec, "no trace rows loaded"))?;
+            let selected: Vec<&TraceRow> = trace
                 .iter()
                 .filter(|r| r.arrival_s >= offset_s)
                 .take(n.unwrap_or(usize::MAX))
@@ -318,10 +357,6 @@ pub fn generate(spec: &str, quality: &QualityTable, seed: u64) -> Result<Workloa
                 })
                 .collect()
         }
-    };
-    Ok(Workload {
-        spec: spec.to_owned(),
-        requests,
     })
 }
 
