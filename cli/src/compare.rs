@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use qosroute_core::BASELINE_NAMES;
+use std::path::Path;
+
+use qosroute_core::{BASELINE_NAMES, OnnxPolicy, Policy};
 use qosroute_sim::{RunReport, Simulation, Workload, generate, with_param};
 use serde::Serialize;
 
@@ -20,8 +22,9 @@ use crate::{Inputs, table};
 pub struct CompareArgs {
     #[command(flatten)]
     inputs: Inputs,
-    /// Comma-separated policies, or `all` (random, round-robin, least-loaded, p2c,
-    /// quality-greedy, latency-greedy, qos-greedy).
+    /// Comma-separated policies: baselines (random, round-robin, least-loaded, p2c,
+    /// quality-greedy, latency-greedy, qos-greedy), `all` for every baseline, and learned
+    /// routers as `han:PATH.onnx`.
     #[arg(long, default_value = "all")]
     policies: String,
     /// Comma-separated seeds; each seed is one workload sample shared by every policy.
@@ -105,22 +108,31 @@ fn summarise(policy: &str, sweep_value: Option<f64>, runs: &[&RunReport]) -> Pol
     }
 }
 
+/// Policy names: `all` expands to every baseline; `han:PATH` is a learned router (ONNX).
 fn parse_policies(list: &str) -> anyhow::Result<Vec<String>> {
-    let names: Vec<String> = if list.trim() == "all" {
-        BASELINE_NAMES.iter().map(|s| (*s).to_owned()).collect()
-    } else {
-        list.split(',')
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect()
-    };
+    let mut names: Vec<String> = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if name == "all" {
+            names.extend(BASELINE_NAMES.iter().map(|s| (*s).to_owned()));
+        } else {
+            names.push(name.to_owned());
+        }
+    }
     if names.is_empty() {
         bail!("--policies: no policy named");
     }
     for name in &names {
-        qosroute_core::baseline(name, 0).map_err(|e| anyhow::anyhow!("--policies: {e}"))?;
+        make_policy(name, 0).map_err(|e| anyhow::anyhow!("--policies: {e:#}"))?;
     }
     Ok(names)
+}
+
+/// A baseline by name, or the learned router of `han:PATH.onnx`.
+pub fn make_policy(name: &str, seed: u64) -> anyhow::Result<Box<dyn Policy + Send>> {
+    if let Some(path) = name.strip_prefix("han:") {
+        return Ok(Box::new(OnnxPolicy::load(Path::new(path))?));
+    }
+    Ok(qosroute_core::baseline(name, seed)?)
 }
 
 fn parse_sweep(sweep: &str) -> anyhow::Result<SweepSpec> {
@@ -224,7 +236,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
                     let seed = args.seeds[job.seed];
                     let name = &policies[job.policy];
                     let outcome = (|| -> anyhow::Result<RunReport> {
-                        let mut policy = qosroute_core::baseline(name, seed)?;
+                        let mut policy = make_policy(name, seed)?;
                         let workload = &workloads[job.sweep][job.seed];
                         Ok(Simulation::new(&catalogue, &quality, workload, seed)?
                             .run(&mut policy)?)

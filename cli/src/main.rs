@@ -3,6 +3,7 @@
 mod compare;
 mod plot;
 mod table;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ enum Command {
     Sim(SimArgs),
     /// Run several policies over several seeds (optionally a load sweep) and compare them.
     Compare(compare::CompareArgs),
+    /// Train the learned router (PyTorch, against this simulator) and export it to ONNX.
+    Train(train::TrainArgs),
 }
 
 /// Inputs every simulation needs.
@@ -57,7 +60,7 @@ impl Inputs {
 struct SimArgs {
     #[command(flatten)]
     inputs: Inputs,
-    /// Routing policy (see `compare --policies`).
+    /// Routing policy: a baseline (see `compare --policies`) or `han:PATH.onnx`.
     #[arg(long, default_value = "qos-greedy")]
     policy: String,
     /// Seed of the workload and of randomised policies.
@@ -71,7 +74,7 @@ struct SimArgs {
 fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
     let (catalogue, quality) = args.inputs.load()?;
     let workload = qosroute_sim::generate(&args.inputs.workload, &quality, args.seed)?;
-    let mut policy = qosroute_core::baseline(&args.policy, args.seed)?;
+    let mut policy = compare::make_policy(&args.policy, args.seed)?;
     let progress = compare::spinner(&format!("simulating {}", args.policy));
     let report = qosroute_sim::Simulation::new(&catalogue, &quality, &workload, args.seed)?
         .run(&mut policy)?;
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Sim(args) => run_sim(args),
         Command::Compare(args) => compare::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

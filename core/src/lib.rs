@@ -10,6 +10,8 @@ pub mod baselines;
 pub mod encoder;
 pub mod expert;
 pub mod impact;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod policy;
 pub mod qos;
 pub mod request;
@@ -21,6 +23,8 @@ pub use baselines::{BASELINE_NAMES, UnknownPolicy, baseline};
 pub use encoder::{EncodedState, encode_state};
 pub use expert::{ExpertProfile, InvalidProfile, LatencyModel};
 pub use impact::{ActionImpact, Candidate, impact_of};
+#[cfg(feature = "onnx")]
+pub use onnx::{OnnxError, OnnxPolicy};
 pub use policy::{Decision, Policy};
 pub use qos::{per_token_latency_s, qos, reward};
 pub use request::{ArrivingRequest, Prediction, Request, RequestId};

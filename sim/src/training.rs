@@ -7,8 +7,9 @@
 
 use std::sync::Arc;
 
+use qosroute_core::baselines::QosGreedy;
 use qosroute_core::{
-    Decision, EncodedState, ExpertProfile, SimRng, encode_state,
+    Decision, EncodedState, ExpertProfile, Policy, SimRng, encode_state,
     encoder::{EXPERT_FEATURES, IN_FLIGHT_FEATURES, REQUEST_FEATURES},
 };
 
@@ -237,6 +238,8 @@ pub struct ObservationBatch {
     pub expert_valid: Vec<f32>,
     /// `[K, E + 1]`: 1 where the action is allowed.
     pub action_mask: Vec<f32>,
+    /// `[K]`: the action `qos-greedy` takes in this state (a teacher for warm starts).
+    pub qos_greedy_action: Vec<i64>,
 }
 
 /// What one vectorised step returned.
@@ -252,12 +255,16 @@ pub struct VecStep {
     pub episode_avg_qos: Vec<f32>,
     /// Whether the action named an expert that could not take the request.
     pub invalid: Vec<bool>,
+    /// The penalty part of the reward: QoS the action is predicted to destroy.
+    pub predicted_qos_destroyed: Vec<f32>,
 }
 
 #[derive(Debug)]
 struct Slot {
     sim: Option<Simulation>,
     encoded: EncodedState,
+    /// qos-greedy's decision in the current state.
+    teacher: Decision,
     finished: bool,
 }
 
@@ -300,6 +307,7 @@ impl VecEnv {
             env.slots.push(Slot {
                 sim,
                 encoded: EncodedState::default(),
+                teacher: Decision::Reject,
                 finished: false,
             });
         }
@@ -343,6 +351,7 @@ impl VecEnv {
             };
             if let Some((state, arriving)) = sim.next_decision()? {
                 encode_state(state, arriving, &mut slot.encoded);
+                slot.teacher = QosGreedy.decide(state, arriving);
                 return Ok(ended);
             }
             let Some(mut sim) = slot.sim.take() else {
@@ -397,6 +406,7 @@ impl VecEnv {
             waiting_adj: vec![0.0; k * e * w],
             expert_valid: vec![0.0; k * e],
             action_mask: vec![0.0; k * (e + 1)],
+            qos_greedy_action: vec![e as i64; k],
         };
         for (i, slot) in self.slots.iter().enumerate() {
             let s = &slot.encoded;
@@ -420,6 +430,9 @@ impl VecEnv {
             }
             // Reject (last column) is always allowed, even for a finished slot.
             out.action_mask[i * (e + 1) + e] = 1.0;
+            if let Decision::Route(x) = slot.teacher {
+                out.qos_greedy_action[i] = x as i64;
+            }
         }
     }
 
@@ -435,6 +448,7 @@ impl VecEnv {
             dones: vec![false; k],
             episode_avg_qos: vec![f32::NAN; k],
             invalid: vec![false; k],
+            predicted_qos_destroyed: vec![0.0; k],
         };
         for (i, &action) in actions.iter().enumerate() {
             let own = self.slots[i].encoded.experts;
@@ -451,6 +465,7 @@ impl VecEnv {
             };
             let step = sim.apply(decision)?;
             out.invalid[i] |= step.invalid;
+            out.predicted_qos_destroyed[i] = step.predicted_qos_destroyed as f32;
             let mut reward = step.reward();
             if let Some((tail, avg)) = self.advance(i)? {
                 reward += tail;
@@ -544,6 +559,10 @@ mod tests {
                 Decision::Reject => obs.experts as i64,
             };
             assert_eq!(obs.action_mask[obs.action_mask.len() - 1], 1.0);
+            assert_eq!(
+                obs.qos_greedy_action[0], action,
+                "the teacher is qos-greedy"
+            );
             let s = direct.apply(d).unwrap();
             destroyed += s.predicted_qos_destroyed;
             let out = env.step(&[action], obs.experts).unwrap();

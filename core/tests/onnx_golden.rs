@@ -1,0 +1,131 @@
+//! The shipped model, run by tract, must reproduce the trainer's golden cases: f32 logits
+//! within 1e-5 of PyTorch's and identical decisions. The int8 variant's agreement is reported.
+
+#![cfg(feature = "onnx")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
+
+use std::path::PathBuf;
+
+use qosroute_core::EncodedState;
+use qosroute_core::OnnxPolicy;
+use qosroute_core::encoder::{EXPERT_FEATURES, IN_FLIGHT_FEATURES};
+use serde_json::Value;
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policy-model/models/han")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn shape(v: &Value) -> Vec<usize> {
+    v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// Rebuilds the encoder's output from a golden case's input tensors.
+fn encoded(case: &Value) -> EncodedState {
+    let inputs = &case["inputs"];
+    let e = shape(&inputs["expert"])[1];
+    let r = shape(&inputs["running"])[1];
+    let w = shape(&inputs["waiting"])[1];
+    assert_eq!(shape(&inputs["expert"])[2], EXPERT_FEATURES);
+    assert_eq!(shape(&inputs["running"])[2], IN_FLIGHT_FEATURES);
+    assert!(
+        floats(&inputs["expert_valid"]).iter().all(|v| *v == 1.0),
+        "golden cases are unpadded"
+    );
+    EncodedState {
+        experts: e,
+        running: r,
+        waiting: w,
+        request: floats(&inputs["request"]),
+        expert: floats(&inputs["expert"]),
+        running_nodes: floats(&inputs["running"]),
+        waiting_nodes: floats(&inputs["waiting"]),
+        running_adj: floats(&inputs["running_adj"]),
+        waiting_adj: floats(&inputs["waiting_adj"]),
+        action_mask: floats(&inputs["action_mask"]),
+    }
+}
+
+fn golden() -> Vec<Value> {
+    let text = std::fs::read_to_string(model_dir().join("golden.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+#[test]
+fn shipped_f32_model_matches_the_trainer() {
+    let policy = OnnxPolicy::load(&model_dir().join("router-f32.onnx")).unwrap();
+    let cases = golden();
+    assert!(cases.len() >= 8);
+    let mut worst = 0.0f32;
+    for (i, case) in cases.iter().enumerate() {
+        let expected = floats(&case["logits"]);
+        let got = policy.logits_of(&encoded(case)).unwrap();
+        assert_eq!(got.len(), expected.len());
+        for (g, x) in got.iter().zip(&expected) {
+            if *x > -1e8 {
+                worst = worst.max((g - x).abs());
+            }
+        }
+        let action = got
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(a, _)| a as u64)
+            .unwrap();
+        assert_eq!(
+            action,
+            case["action"].as_u64().unwrap(),
+            "case {i}: decision differs"
+        );
+    }
+    println!(
+        "f32: {} golden cases, max |logit diff| {worst:.2e}",
+        cases.len()
+    );
+    assert!(worst <= 1e-5, "max |diff| {worst}");
+}
+
+#[test]
+fn shipped_int8_model_runs_and_its_agreement_is_reported() {
+    let policy = OnnxPolicy::load(&model_dir().join("router-int8.onnx")).unwrap();
+    let cases = golden();
+    let mut agree = 0;
+    for case in &cases {
+        let got = policy.logits_of(&encoded(case)).unwrap();
+        assert!(got.iter().all(|v| v.is_finite()));
+        let action = got
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(a, _)| a as u64);
+        agree += usize::from(action == case["action"].as_u64());
+    }
+    println!(
+        "int8: decisions agree with f32 torch on {agree}/{} golden cases",
+        cases.len()
+    );
+    assert!(
+        agree * 2 >= cases.len(),
+        "int8 disagrees on most decisions: {agree}/{}",
+        cases.len()
+    );
+}

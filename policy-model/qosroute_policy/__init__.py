@@ -1,0 +1,1 @@
+"""qosroute_policy: the learned router (HAN + PPO), trained against the Rust simulator."""

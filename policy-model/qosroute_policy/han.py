@@ -1,0 +1,167 @@
+"""The heterogeneous graph attention network (HAN) of the learned router, in plain tensor ops.
+
+Node types: the arriving request (1 node), experts (E), running requests (R), waiting requests
+(W). Edge types: request<->every expert, expert<->its running requests, expert<->its waiting
+requests (adjacency masks from the Rust encoder, `qosroute_core::encoder`).
+
+Each layer:
+  1. node-level attention per edge type: every expert attends (multi-head, masked dense
+     attention) over its running requests, over its waiting requests, and over the request;
+  2. semantic attention across the three edge types (HAN): a learned, per-node softmax over the
+     type-specific messages;
+  3. residual update of experts; the request attends over the experts; running and waiting
+     requests receive their expert's embedding back (the reverse edges).
+
+Outputs: one logit per expert node plus one for reject, and a state value, so one model serves
+any number of experts. Only MatMul, Softmax, Add/Mul, Relu, Tanh, Reshape/Transpose and
+ReduceSum/Mean are used: all run in tract (no scatter/gather graph ops).
+"""
+
+import torch
+from torch import nn
+
+NEG = 1e9
+
+
+def masked_attention(q, k, v, mask, heads):
+    """Multi-head attention of queries over keys allowed by `mask`.
+
+    q: [B, N, H], k/v: [B, M, H], mask: [B, N, M] (1 = edge). Rows without any edge get 0.
+    """
+    b, n, h = q.shape
+    m = k.shape[1]
+    d = h // heads
+    q = q.reshape(b, n, heads, d).transpose(1, 2)  # [B, heads, N, d]
+    k = k.reshape(b, m, heads, d).transpose(1, 2)
+    v = v.reshape(b, m, heads, d).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(2, 3)) * (d ** -0.5)  # [B, heads, N, M]
+    mask = mask.unsqueeze(1)
+    weights = torch.softmax(scores + (mask - 1.0) * NEG, dim=-1) * mask
+    out = torch.matmul(weights, v)  # [B, heads, N, d]
+    return out.transpose(1, 2).reshape(b, n, h)
+
+
+class EdgeTypeAttention(nn.Module):
+    """Experts attending over one neighbour node type."""
+
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+
+    def forward(self, experts, neighbours, mask):
+        return masked_attention(self.q(experts), self.k(neighbours), self.v(neighbours), mask, self.heads)
+
+
+class SemanticAttention(nn.Module):
+    """HAN's semantic attention: a softmax over edge types of a learned score of each message."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+        self.score = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, messages):  # [B, N, T, H]
+        beta = torch.softmax(self.score(torch.tanh(self.proj(messages))), dim=2)  # [B, N, T, 1]
+        return (beta * messages).sum(dim=2)
+
+
+class HanLayer(nn.Module):
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.from_running = EdgeTypeAttention(hidden, heads)
+        self.from_waiting = EdgeTypeAttention(hidden, heads)
+        self.from_request = nn.Linear(hidden, hidden)
+        self.semantic = SemanticAttention(hidden)
+        self.expert_update = nn.Linear(hidden, hidden)
+        self.request_attention = EdgeTypeAttention(hidden, heads)
+        self.request_update = nn.Linear(hidden, hidden)
+        self.in_flight_update = nn.Linear(hidden, hidden)
+
+    def forward(self, request, experts, running, waiting, running_adj, waiting_adj, expert_valid):
+        # request [B, 1, H], experts [B, E, H], running [B, R, H], waiting [B, W, H]
+        m_run = self.from_running(experts, running, running_adj)
+        m_wait = self.from_waiting(experts, waiting, waiting_adj)
+        m_req = self.from_request(request).expand_as(experts)
+        messages = torch.stack([m_req, m_run, m_wait], dim=2)  # [B, E, 3, H]
+        experts = torch.relu(experts + self.expert_update(self.semantic(messages)))
+        # The request attends over the (real) experts.
+        req_mask = expert_valid.unsqueeze(1)  # [B, 1, E]
+        m = self.request_attention(request, experts, req_mask)
+        request = torch.relu(request + self.request_update(m))
+        # Reverse edges: each running / waiting request gets its expert's embedding.
+        to_running = torch.matmul(running_adj.transpose(1, 2), experts)  # [B, R, H]
+        to_waiting = torch.matmul(waiting_adj.transpose(1, 2), experts)
+        running = torch.relu(running + self.in_flight_update(to_running))
+        waiting = torch.relu(waiting + self.in_flight_update(to_waiting))
+        return request, experts, running, waiting
+
+
+class HanRouter(nn.Module):
+    """Scores every expert node and reject; also estimates the state value."""
+
+    def __init__(self, request_features, expert_features, in_flight_features, hidden=64, heads=8, layers=2):
+        super().__init__()
+        self.embed_request = nn.Linear(request_features, hidden)
+        self.embed_expert = nn.Linear(expert_features, hidden)
+        self.embed_running = nn.Linear(in_flight_features, hidden)
+        self.embed_waiting = nn.Linear(in_flight_features, hidden)
+        self.layers = nn.ModuleList([HanLayer(hidden, heads) for _ in range(layers)])
+        self.expert_score = nn.Sequential(nn.Linear(2 * hidden + expert_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.reject_score = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.value = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, request, expert, running, waiting, running_adj, waiting_adj, expert_valid, action_mask):
+        """Returns masked logits [B, E + 1] (last = reject) and values [B]."""
+        raw_expert = expert
+        req = torch.relu(self.embed_request(request)).unsqueeze(1)
+        exp = torch.relu(self.embed_expert(expert))
+        run = torch.relu(self.embed_running(running))
+        wait = torch.relu(self.embed_waiting(waiting))
+        for layer in self.layers:
+            req, exp, run, wait = layer(req, exp, run, wait, running_adj, waiting_adj, expert_valid)
+        valid = expert_valid.unsqueeze(-1)
+        pooled = (exp * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)  # [B, H]
+        req = req.squeeze(1)
+        context = torch.cat([req, pooled], dim=-1)
+        per_expert = torch.cat([exp, req.unsqueeze(1).expand_as(exp), raw_expert], dim=-1)
+        expert_logits = self.expert_score(per_expert).squeeze(-1)  # [B, E]
+        reject_logit = self.reject_score(context)  # [B, 1]
+        logits = torch.cat([expert_logits, reject_logit], dim=-1)
+        logits = logits + (action_mask - 1.0) * NEG
+        return logits, self.value(context).squeeze(-1)
+
+
+class FlatMlpRouter(nn.Module):
+    """Ablation: an MLP over flat padded features (no graph structure).
+
+    Experts are scored from their own features and the request's plus an unstructured mean of
+    all in-flight nodes (the graph's edges are ignored).
+    """
+
+    def __init__(self, request_features, expert_features, in_flight_features, hidden=64):
+        super().__init__()
+        width = request_features + expert_features + 2 * in_flight_features
+        self.expert_score = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        ctx = request_features + expert_features + 2 * in_flight_features
+        self.reject_score = nn.Sequential(nn.Linear(ctx, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.value = nn.Sequential(nn.Linear(ctx, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, request, expert, running, waiting, running_adj, waiting_adj, expert_valid, action_mask):
+        mean_run = running.mean(dim=1)
+        mean_wait = waiting.mean(dim=1)
+        e = expert.shape[1]
+        flat = torch.cat([request, mean_run, mean_wait], dim=-1)  # [B, FR + 2 FI]
+        per_expert = torch.cat([expert, flat.unsqueeze(1).expand(-1, e, -1)], dim=-1)
+        valid = expert_valid.unsqueeze(-1)
+        pooled = (expert * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+        context = torch.cat([flat, pooled], dim=-1)
+        logits = torch.cat([self.expert_score(per_expert).squeeze(-1), self.reject_score(context)], dim=-1)
+        logits = logits + (action_mask - 1.0) * NEG
+        return logits, self.value(context).squeeze(-1)
+
+
+INPUT_NAMES = ["request", "expert", "running", "waiting", "running_adj", "waiting_adj", "expert_valid", "action_mask"]

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Every test of the project: the Rust workspace (nextest) and the policy trainer (pytest,
+# against the Rust simulator extension). Run from anywhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="$(bash scripts/python-env.sh | tail -n 1)"
+cargo nextest run --workspace --locked --no-fail-fast
+# One torch thread: torch's OpenMP collapses when another process shares the CPU.
+OMP_NUM_THREADS=1 "$python" -m pytest -q policy-model/tests
