@@ -46,12 +46,16 @@ fn model_error(e: impl std::fmt::Display) -> OnnxError {
 }
 
 type Plan = std::sync::Arc<TypedSimplePlan>;
+type RunState = TypedSimpleState;
 
 /// The learned router.
 #[derive(Debug)]
 pub struct OnnxPolicy {
     name: String,
-    plan: Plan,
+    /// The optimised plan; kept so the model outlives its run state.
+    _plan: Plan,
+    /// One run state reused across decisions (no per-decision set-up).
+    state: RunState,
     encoded: EncodedState,
     fallback: QosGreedy,
     fallbacks: u64,
@@ -72,9 +76,11 @@ impl OnnxPolicy {
             .map_err(model_error)?
             .into_runnable()
             .map_err(model_error)?;
+        let state = plan.spawn().map_err(model_error)?;
         Ok(Self {
             name: name.to_owned(),
-            plan,
+            _plan: plan,
+            state,
             encoded: EncodedState::default(),
             fallback: QosGreedy,
             fallbacks: 0,
@@ -96,7 +102,7 @@ impl OnnxPolicy {
     }
 
     /// Logits `[E + 1]` of an encoded state (batch 1).
-    pub fn logits_of(&self, s: &EncodedState) -> Result<Vec<f32>, OnnxError> {
+    pub fn logits_of(&mut self, s: &EncodedState) -> Result<Vec<f32>, OnnxError> {
         let (e, r, w) = (s.experts, s.running, s.waiting);
         let inputs: TVec<TValue> = tvec![
             tensor(&[1, REQUEST_FEATURES], &s.request)?.into(),
@@ -108,7 +114,7 @@ impl OnnxPolicy {
             tensor(&[1, e], &vec![1.0; e])?.into(),
             tensor(&[1, e + 1], &s.action_mask)?.into(),
         ];
-        let outputs = self.plan.run(inputs).map_err(model_error)?;
+        let outputs = self.state.run(inputs).map_err(model_error)?;
         let logits: Vec<f32> = outputs
             .first()
             .ok_or_else(|| OnnxError::Model("no output".into()))?
@@ -132,8 +138,11 @@ impl OnnxPolicy {
         state: &ClusterState,
         arriving: &ArrivingRequest,
     ) -> Result<Vec<f32>, OnnxError> {
-        encode_state(state, arriving, &mut self.encoded);
-        self.logits_of(&self.encoded)
+        let mut encoded = std::mem::take(&mut self.encoded);
+        encode_state(state, arriving, &mut encoded);
+        let logits = self.logits_of(&encoded);
+        self.encoded = encoded;
+        logits
     }
 }
 
