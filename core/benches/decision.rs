@@ -72,7 +72,11 @@ fn state(experts: usize, in_flight: usize) -> (ClusterState, ArrivingRequest) {
 }
 
 fn decision(c: &mut Criterion) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policy-model/models/han");
+    // QOSROUTE_MODEL_DIR benchmarks another export (e.g. to compare two in one run).
+    let dir = std::env::var_os("QOSROUTE_MODEL_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policy-model/models/han"),
+        PathBuf::from,
+    );
     for variant in ["f32", "int8"] {
         let mut policy = OnnxPolicy::load(&dir.join(format!("router-{variant}.onnx"))).unwrap();
         let mut group = c.benchmark_group(format!("decision_{variant}"));

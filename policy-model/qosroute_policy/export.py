@@ -96,6 +96,25 @@ def write_outputs(model, args, sizes, history, final_eval, wall_time_s):
     os.makedirs(out, exist_ok=True)
     model.eval()
     torch.save(model.state_dict(), os.path.join(out, "model.pt"))
+    checks = export_all(model, out)
+    report = {
+        "args": dataclasses.asdict(args),
+        "feature_sizes": sizes,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "wall_time_s": round(wall_time_s, 1),
+        "torch": torch.__version__,
+        "export": checks,
+        "final_eval": final_eval,
+        "history": history,
+    }
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    plot_curves(history, os.path.join(out, "curves.png"))
+    write_report_markdown(report, os.path.join(out, "REPORT.md"))
+
+
+def export_all(model, out):
+    """ONNX f32 and int8, op check, golden cases, onnxruntime agreement. Returns the checks."""
     f32 = os.path.join(out, "router-f32.onnx")
     int8 = os.path.join(out, "router-int8.onnx")
     export_onnx(model, f32)
@@ -123,20 +142,27 @@ def write_outputs(model, args, sizes, history, final_eval, wall_time_s):
     } for c, e in zip(cases, expected)]
     with open(os.path.join(out, "golden.json"), "w") as f:
         json.dump({"model": "router-f32.onnx", "cases": golden}, f)
-    report = {
-        "args": dataclasses.asdict(args),
-        "feature_sizes": sizes,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "wall_time_s": round(wall_time_s, 1),
-        "torch": torch.__version__,
-        "export": checks,
-        "final_eval": final_eval,
-        "history": history,
-    }
-    with open(os.path.join(out, "report.json"), "w") as f:
+    return checks
+
+
+def reexport(model_dir):
+    """Re-exports a trained model (model.pt + report.json) with the current export code."""
+    from .han import FlatMlpRouter, HanRouter
+
+    with open(os.path.join(model_dir, "report.json")) as f:
+        report = json.load(f)
+    a, sizes = report["args"], report["feature_sizes"]
+    if a["arch"] == "mlp":
+        model = FlatMlpRouter(sizes["request"], sizes["expert"], sizes["in_flight"], a["hidden"])
+    else:
+        model = HanRouter(sizes["request"], sizes["expert"], sizes["in_flight"], a["hidden"], a["heads"], a["layers"])
+    model.load_state_dict(torch.load(os.path.join(model_dir, "model.pt")))
+    report["export"] = export_all(model.eval(), model_dir)
+    with open(os.path.join(model_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    plot_curves(history, os.path.join(out, "curves.png"))
-    write_report_markdown(report, os.path.join(out, "REPORT.md"))
+    write_report_markdown(report, os.path.join(model_dir, "REPORT.md"))
+    return report["export"]
+
 
 
 def plot_curves(history, path):
@@ -191,3 +217,10 @@ def write_report_markdown(report, path):
     lines += ["", "![curves](curves.png)", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    print(json.dumps(reexport(sys.argv[1] if len(sys.argv) > 1 else "policy-model/models/han"), indent=1))
