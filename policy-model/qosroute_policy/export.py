@@ -88,6 +88,9 @@ def run_onnxruntime(path, cases):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    declared = [i.name for i in session.get_inputs()]
+    if declared != INPUT_NAMES:
+        raise RuntimeError(f"{path}: inputs {declared}, the daemon feeds {INPUT_NAMES}")
     return [session.run(["logits"], {n: c[n] for n in INPUT_NAMES})[0] for c in cases]
 
 

@@ -136,26 +136,26 @@ class HanRouter(nn.Module):
 
 
 class FlatMlpRouter(nn.Module):
-    """Ablation: an MLP over flat padded features (no graph structure).
+    """Ablation: an MLP over flat padded features, without the graph's attention.
 
-    Experts are scored from their own features and the request's plus an unstructured mean of
-    all in-flight nodes (the graph's edges are ignored).
+    Each expert is scored from its own features, the request's, its counts of running and
+    waiting requests (row sums of the adjacency masks) and an unstructured mean of every
+    in-flight node of the cluster: what a flat feature vector can carry, no message passing.
     """
 
     def __init__(self, request_features, expert_features, in_flight_features, hidden=64):
         super().__init__()
-        width = request_features + expert_features + 2 * in_flight_features
-        self.expert_score = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-        ctx = request_features + expert_features + 2 * in_flight_features
-        self.reject_score = nn.Sequential(nn.Linear(ctx, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-        self.value = nn.Sequential(nn.Linear(ctx, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        flat = request_features + 2 * in_flight_features
+        self.expert_score = nn.Sequential(nn.Linear(flat + expert_features + 2, hidden), nn.Tanh(),
+                                          nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.reject_score = nn.Sequential(nn.Linear(flat + expert_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.value = nn.Sequential(nn.Linear(flat + expert_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def forward(self, request, expert, running, waiting, running_adj, waiting_adj, expert_valid, action_mask):
-        mean_run = running.mean(dim=1)
-        mean_wait = waiting.mean(dim=1)
+        flat = torch.cat([request, running.mean(dim=1), waiting.mean(dim=1)], dim=-1)  # [B, FR + 2 FI]
+        counts = torch.stack([running_adj.sum(dim=-1), waiting_adj.sum(dim=-1)], dim=-1) / 64.0  # [B, E, 2]
         e = expert.shape[1]
-        flat = torch.cat([request, mean_run, mean_wait], dim=-1)  # [B, FR + 2 FI]
-        per_expert = torch.cat([expert, flat.unsqueeze(1).expand(-1, e, -1)], dim=-1)
+        per_expert = torch.cat([expert, counts, flat.unsqueeze(1).expand(-1, e, -1)], dim=-1)
         valid = expert_valid.unsqueeze(-1)
         pooled = (expert * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
         context = torch.cat([flat, pooled], dim=-1)

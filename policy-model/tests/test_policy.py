@@ -70,9 +70,10 @@ def test_collate_moves_reject_and_teacher_to_the_last_column():
     assert np.all(train.remap_actions(acts, obs[0]["expert"].shape[1], e_max) == e_max)
 
 
-def test_training_smoke_run_writes_a_model_tract_can_run(tmp_path):
+@pytest.mark.parametrize("arch", ["han", "mlp"])
+def test_training_smoke_run_writes_a_model_tract_can_run(tmp_path, arch):
     out = tmp_path / "model"
-    train.main(["--total-steps", "512", "--num-envs", "4", "--num-steps", "64", "--episode-requests", "40",
+    train.main(["--arch", arch, "--total-steps", "512", "--num-envs", "4", "--num-steps", "64", "--episode-requests", "40",
                 "--bc-rollouts", "1", "--bc-epochs", "2", "--eval-every", "0", "--eval-requests", "40",
                 "--out", str(out)])
     for name in ["model.pt", "router-f32.onnx", "router-int8.onnx", "golden.json", "report.json", "curves.png", "REPORT.md"]:
