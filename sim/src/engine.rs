@@ -25,8 +25,6 @@ use qosroute_core::ExpertProfile;
 pub struct Job {
     /// Index of the request in the simulation's request table.
     pub idx: usize,
-    /// Arrival time at the router.
-    pub arrival_s: f64,
     /// Prompt tokens.
     pub prompt_tokens: u32,
     /// True output tokens (already limited to what the KV cache can hold).
@@ -119,7 +117,6 @@ pub struct ExpertEngine {
     decode_context: u64,
     phase: Phase,
     busy_s: f64,
-    clock_s: f64,
 }
 
 impl ExpertEngine {
@@ -134,7 +131,6 @@ impl ExpertEngine {
             decode_context: 0,
             phase: Phase::Idle,
             busy_s: 0.0,
-            clock_s: 0.0,
         }
     }
 
@@ -241,7 +237,6 @@ impl ExpertEngine {
                 }
             }
         }
-        self.clock_s = end_s;
         self.start_next_phase(end_s);
     }
 
@@ -250,10 +245,7 @@ impl ExpertEngine {
     pub fn enqueue(&mut self, job: Job, now_s: f64) {
         self.waiting.push_back(job);
         match self.phase {
-            Phase::Idle => {
-                self.clock_s = now_s;
-                self.start_next_phase(now_s);
-            }
+            Phase::Idle => self.start_next_phase(now_s),
             Phase::Decode {
                 start_s,
                 steps,
@@ -433,10 +425,9 @@ mod tests {
         })
     }
 
-    fn job(idx: usize, arrival: f64, p: u32, d: u32) -> Job {
+    fn job(idx: usize, p: u32, d: u32) -> Job {
         Job {
             idx,
-            arrival_s: arrival,
             prompt_tokens: p,
             output_tokens: d,
             generated_tokens: 0,
@@ -455,7 +446,7 @@ mod tests {
     #[test]
     fn single_request_takes_prefill_plus_growing_decode_steps() {
         let mut e = ExpertEngine::new(profile(4, 10_000));
-        e.enqueue(job(0, 0.0, 100, 4), 0.0);
+        e.enqueue(job(0, 100, 4), 0.0);
         let ev = drain(&mut e);
         // Prefill 0.1 s; then 3 steps with context 101, 102, 103:
         // 3 * 0.02 + 1e-5 * (101 + 102 + 103) = 0.06306.
@@ -478,12 +469,12 @@ mod tests {
     #[test]
     fn an_arrival_cuts_the_decode_run_at_the_next_step_boundary() {
         let mut e = ExpertEngine::new(profile(4, 10_000));
-        e.enqueue(job(0, 0.0, 100, 50), 0.0);
+        e.enqueue(job(0, 100, 50), 0.0);
         let mut ev = Vec::new();
         e.complete_phase(&mut ev); // prefill ends at 0.1
         // Steps: 0.02101, 0.02102, ... An arrival at 0.13 lands in the second step
         // (0.12101 .. 0.14203): the run is cut after 2 steps.
-        e.enqueue(job(1, 0.13, 10, 5), 0.13);
+        e.enqueue(job(1, 10, 5), 0.13);
         let cut = e.next_event_s().unwrap();
         assert!((cut - (0.1 + 0.02101 + 0.02102)).abs() < 1e-12, "{cut}");
         e.complete_phase(&mut ev);
@@ -506,26 +497,26 @@ mod tests {
     #[test]
     fn slots_and_kv_hold_requests_back_in_fcfs_order() {
         let mut e = ExpertEngine::new(profile(2, 1_000));
-        e.enqueue(job(0, 0.0, 100, 10), 0.0);
+        e.enqueue(job(0, 100, 10), 0.0);
         // Same instant as the prefill start: joins it (0.1 s + 0.1 s of prefill).
-        e.enqueue(job(1, 0.0, 100, 10), 0.0);
-        e.enqueue(job(2, 0.0, 100, 10), 0.0); // no third slot: waits
+        e.enqueue(job(1, 100, 10), 0.0);
+        e.enqueue(job(2, 100, 10), 0.0); // no third slot: waits
         assert_eq!(e.admitted(), 2);
         assert_eq!(e.in_flight(), 3);
         assert!((e.next_event_s().unwrap() - 0.2).abs() < 1e-12);
         // Arriving later, during the prefill: waits for the next boundary.
         let mut e2 = ExpertEngine::new(profile(4, 10_000));
-        e2.enqueue(job(0, 0.0, 100, 10), 0.0);
-        e2.enqueue(job(1, 0.05, 100, 10), 0.05);
+        e2.enqueue(job(0, 100, 10), 0.0);
+        e2.enqueue(job(1, 100, 10), 0.05);
         assert_eq!(e2.admitted(), 1);
         let mut ev = Vec::new();
         e2.complete_phase(&mut ev);
         assert_eq!(e2.admitted(), 2);
         // KV: a 900-token request does not fit beside two 110-token reservations.
         let mut e = ExpertEngine::new(profile(4, 1_000));
-        e.enqueue(job(0, 0.0, 100, 10), 0.0);
-        e.enqueue(job(1, 0.0, 800, 100), 0.0);
-        e.enqueue(job(2, 0.0, 10, 10), 0.0);
+        e.enqueue(job(0, 100, 10), 0.0);
+        e.enqueue(job(1, 800, 100), 0.0);
+        e.enqueue(job(2, 10, 10), 0.0);
         e.complete_phase(&mut ev);
         assert_eq!(e.admitted(), 1, "head of line blocks the queue");
         drain(&mut e);

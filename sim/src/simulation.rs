@@ -367,7 +367,6 @@ impl Simulation {
         self.engines[e].enqueue(
             Job {
                 idx,
-                arrival_s: request.arrival_s,
                 prompt_tokens: request.prompt_tokens,
                 output_tokens,
                 generated_tokens: 0,

@@ -108,7 +108,6 @@ fn jumping(profile: &ExpertProfile, jobs: &[Arrival]) -> Vec<(f64, f64)> {
         engine.enqueue(
             Job {
                 idx,
-                arrival_s: a.at,
                 prompt_tokens: a.prompt,
                 output_tokens: a.output,
                 generated_tokens: 0,
