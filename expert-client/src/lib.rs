@@ -1,0 +1,1 @@
+//! The daemon's HTTP side: streaming chat completions to OpenAI-compatible experts, metrics scraping, health.
