@@ -1,9 +1,9 @@
 //! The shipped model, run by tract, must reproduce the trainer's golden cases: f32 logits
-//! within 1e-5 of PyTorch's, relative to the logit's magnitude (floor 1: absolute for small
-//! logits), and identical decisions. A sharp policy has logits near 20, where one f32 ULP is
-//! about 2e-6 and any two runtimes differ by a few ULP (onnxruntime differs from PyTorch by
-//! 2e-5 on the shipped model), so an absolute bound would test rounding, not the model.
-//! The int8 variant's agreement is reported.
+//! within 1e-5 of PyTorch's (absolute), and identical decisions. The error relative to the
+//! logit's magnitude is printed too: tract's vectorised exp and tanh differ from PyTorch's by a
+//! few ULP, so a model with large logits (a previous 64-wide model had logits near 19) can
+//! exceed an absolute 1e-5 without any error in the model. The int8 variant's agreement is
+//! reported.
 
 #![cfg(feature = "onnx")]
 #![allow(
@@ -106,10 +106,7 @@ fn shipped_f32_model_matches_the_trainer() {
         "f32: {} golden cases, max |logit diff| {worst:.2e}, relative to magnitude {worst_scaled:.2e}",
         cases.len()
     );
-    assert!(
-        worst_scaled <= 1e-5,
-        "max |diff| {worst}, scaled {worst_scaled}"
-    );
+    assert!(worst <= 1e-5, "max |diff| {worst}, scaled {worst_scaled}");
 }
 
 #[test]

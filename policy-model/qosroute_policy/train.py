@@ -64,9 +64,9 @@ class Args:
     bc_coef: float = 0.5
     bc_coef_final: float = 0.05
     # Network
-    hidden: int = 64
-    heads: int = 8
-    layers: int = 2
+    hidden: int = 32
+    heads: int = 4
+    layers: int = 1
     # Evaluation (fixed scenarios, greedy actions) every this many rollouts (0: only at the end)
     eval_every: int = 10
     eval_requests: int = 600
