@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use qosroute_core::{
-    ArrivingRequest, ClusterState, ExpertProfile, ExpertState, InFlight, LatencyModel, OnnxPolicy,
-    Policy, Prediction, Request, Task,
+    ArrivingRequest, ClusterState, EncodedState, ExpertProfile, ExpertState, InFlight,
+    LatencyModel, OnnxPolicy, Policy, Prediction, Request, Task, encode_state,
 };
 
 fn state(experts: usize, in_flight: usize) -> (ClusterState, ArrivingRequest) {
@@ -101,5 +101,23 @@ fn decision(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, decision);
+/// The encoder alone (state -> tensors), to tell its share of a decision from tract's.
+fn encode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("encode");
+    group.sample_size(30);
+    let mut out = EncodedState::default();
+    for experts in [3usize, 8, 16] {
+        for in_flight in [10usize, 100, 400] {
+            let (s, a) = state(experts, in_flight);
+            group.bench_with_input(
+                BenchmarkId::new(format!("E{experts}"), in_flight),
+                &(s, a),
+                |b, (s, a)| b.iter(|| encode_state(s, a, &mut out)),
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decision, encode);
 criterion_main!(benches);
