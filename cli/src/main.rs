@@ -1,6 +1,7 @@
 //! `qosroute`: the workstation tool. Simulate one routing policy, or compare several.
 
 mod compare;
+mod emulate;
 mod plot;
 mod table;
 mod train;
@@ -28,6 +29,9 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Train the learned router (PyTorch, against this simulator) and export it to ONNX.
     Train(train::TrainArgs),
+    /// Serve the experts of a catalogue as OpenAI-compatible servers driven by the simulator's
+    /// engine in real time, until SIGINT or SIGTERM.
+    Emulate(emulate::EmulateArgs),
 }
 
 /// Inputs every simulation needs.
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
         Command::Sim(args) => run_sim(args),
         Command::Compare(args) => compare::run(args),
         Command::Train(args) => train::run(args),
+        Command::Emulate(args) => emulate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

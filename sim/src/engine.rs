@@ -76,6 +76,31 @@ enum Phase {
     },
 }
 
+/// A read-only view of the engine's current decode run (see [`ExpertEngine::decode_run`]):
+/// `steps` decode steps from `start_s`; step `k` (1-based) takes `first_step_s + growth_s * (k-1)`,
+/// so it ends at [`DecodeRun::step_end_s`]`(k)`. Every request of
+/// [`ExpertEngine::decoding_jobs`] gains one token at the end of each step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeRun {
+    /// When the run started.
+    pub start_s: f64,
+    /// Steps in the run (it ends at the end of the last one, an engine event).
+    pub steps: u64,
+    /// Duration of the first step.
+    pub first_step_s: f64,
+    /// How much longer each step is than the one before (the context grows by one token per
+    /// running request per step).
+    pub growth_s: f64,
+}
+
+impl DecodeRun {
+    /// When step `k` of the run ends (`start_s` for `k = 0`): `start_s + k*a + g*k*(k-1)/2`,
+    /// the same arithmetic as [`ExpertEngine::next_event_s`] for the run's last step.
+    pub fn step_end_s(&self, k: u64) -> f64 {
+        self.start_s + decode_run_s(k, self.first_step_s, self.growth_s)
+    }
+}
+
 fn decode_run_s(steps: u64, first_step_s: f64, growth_s: f64) -> f64 {
     let n = steps as f64;
     n * first_step_s + growth_s * n * (n - 1.0) / 2.0
@@ -182,6 +207,35 @@ impl ExpertEngine {
     /// Requests admitted by the engine (prefilling or decoding).
     pub fn admitted(&self) -> usize {
         self.prefilling.len() + self.decoding.len()
+    }
+
+    /// The current decode run, if the engine is decoding (read-only).
+    pub fn decode_run(&self) -> Option<DecodeRun> {
+        match self.phase {
+            Phase::Decode {
+                start_s,
+                steps,
+                first_step_s,
+                growth_s,
+            } => Some(DecodeRun {
+                start_s,
+                steps,
+                first_step_s,
+                growth_s,
+            }),
+            Phase::Idle | Phase::Prefill { .. } => None,
+        }
+    }
+
+    /// Requests admitted and prefilling in the current phase (generated tokens 0).
+    pub fn prefilling_jobs(&self) -> &[Job] {
+        &self.prefilling
+    }
+
+    /// Requests admitted and decoding, with their generated tokens as of the start of the
+    /// current phase (during a decode run, each gains one token per step of [`Self::decode_run`]).
+    pub fn decoding_jobs(&self) -> &[Job] {
+        &self.decoding
     }
 
     /// Ends the current phase at its end time, reports what happened in `events`, and starts
@@ -522,6 +576,23 @@ mod tests {
         drain(&mut e);
         assert!(e.is_idle());
         assert_eq!(e.kv_reserved(), 0);
+    }
+
+    #[test]
+    fn the_read_only_views_show_the_phase_and_its_jobs() {
+        let mut e = ExpertEngine::new(profile(4, 10_000));
+        e.enqueue(job(0, 100, 4), 0.0);
+        assert_eq!(e.decode_run(), None);
+        assert_eq!(e.prefilling_jobs(), &[job(0, 100, 4)]);
+        let mut ev = Vec::new();
+        e.complete_phase(&mut ev);
+        assert!(e.prefilling_jobs().is_empty());
+        assert_eq!(e.decoding_jobs()[0].generated_tokens, 1);
+        let run = e.decode_run().unwrap();
+        assert_eq!(run.steps, 3);
+        assert_eq!(run.step_end_s(0), 0.1);
+        assert_eq!(Some(run.step_end_s(run.steps)), e.next_event_s());
+        assert!((run.step_end_s(1) - (0.1 + 0.02 + 1e-5 * 101.0)).abs() < 1e-12);
     }
 
     #[test]
