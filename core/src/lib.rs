@@ -7,12 +7,14 @@
 //! requests already on the expert; [`qos`] scores a finished request.
 
 pub mod baselines;
+pub mod calibration;
 pub mod encoder;
 pub mod expert;
 pub mod impact;
 #[cfg(feature = "onnx")]
 pub mod onnx;
 pub mod policy;
+pub mod predict;
 pub mod qos;
 pub mod request;
 pub mod rng;
@@ -20,12 +22,20 @@ pub mod state;
 pub mod task;
 
 pub use baselines::{BASELINE_NAMES, UnknownPolicy, baseline};
+pub use calibration::{
+    CalibrationAccuracy, CalibrationCounts, CalibratorSettings, InvalidCalibrator,
+    LatencyCalibrator, RejectedObservation,
+};
 pub use encoder::{EncodedState, encode_state};
 pub use expert::{ExpertProfile, InvalidProfile, LatencyModel};
 pub use impact::{ActionImpact, Candidate, impact_of};
 #[cfg(feature = "onnx")]
 pub use onnx::{OnnxError, OnnxPolicy};
 pub use policy::{Decision, Policy};
+pub use predict::{
+    ExpertOutputLengths, InvalidQualityPrior, OutputLengthPredictor, Predictors, QualityBook,
+    QualityPredictor,
+};
 pub use qos::{per_token_latency_s, qos, reward};
 pub use request::{ArrivingRequest, Prediction, Request, RequestId};
 pub use rng::SimRng;

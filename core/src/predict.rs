@@ -1,0 +1,634 @@
+//! Online predictors: what the router expects of a request before it runs.
+//!
+//! They learn only from completed requests (and, for quality, start from priors), never from
+//! the request being predicted. The simulator and the edge daemon use the same code, so a
+//! policy trained in simulation sees predictions made the same way in production.
+//!
+//! - [`OutputLengthPredictor`]: output tokens per task (what the simulator, and therefore
+//!   training, uses: one prediction for every expert).
+//! - [`ExpertOutputLengths`]: output tokens per (expert, task), for the daemon, where experts
+//!   run different models whose answers differ in length. An expert with no history predicts
+//!   exactly what [`OutputLengthPredictor`] would over all experts' completions.
+//! - [`QualityPredictor`]: answer quality per (expert, task), from a prior table moved by
+//!   observed quality (in the simulator: the true quality of a completed request; in the
+//!   daemon: device feedback scores).
+//! - [`QualityBook`]: a [`QualityPredictor`] whose experts are keyed by name, so a config
+//!   reload keeps what was learned about the experts it keeps.
+//! - [`Predictors`]: the simulator's pair, producing one [`Prediction`] per expert.
+//!
+//! # Shrinkage
+//!
+//! Every estimate is a running mean shrunk toward a more general one by a fixed number of
+//! pseudo-observations: `(sum + general * weight) / (n + weight)`. With no data it is the
+//! general estimate; with `n >> weight` it is the plain mean.
+//!
+//! # In the daemon
+//!
+//! Keep one [`ExpertOutputLengths`] and one [`QualityBook`] with the experts in policy order
+//! (the order of `ClusterState::experts`); build each arriving request's predictions as
+//! `Prediction { output_tokens: lengths.predict(e, task), quality: book.predict(e, task) }`;
+//! feed completions to [`ExpertOutputLengths::observe`] and feedback scores to
+//! [`QualityBook::observe`]; on a config reload call `reconfigure` on both with the new
+//! expert list.
+
+use std::collections::HashMap;
+
+use crate::request::Prediction;
+use crate::task::Task;
+
+/// Output length prior before anything completed: a common `max_tokens` default.
+pub const PRIOR_OUTPUT_TOKENS: f64 = 256.0;
+/// Pseudo-observations a more general output-length mean is worth against a more specific
+/// running mean (per-task mean toward the global mean; per-expert mean toward the per-task
+/// mean).
+pub const OUTPUT_PRIOR_WEIGHT: f64 = 4.0;
+/// Pseudo-observations the prior of quality is worth against observed quality.
+pub const QUALITY_PRIOR_WEIGHT: f64 = 20.0;
+
+/// Running mean of output tokens per task, shrunk toward the global running mean.
+///
+/// The global mean itself starts from [`PRIOR_OUTPUT_TOKENS`] worth one observation:
+/// `global = (all_sum + PRIOR_OUTPUT_TOKENS) / (all_n + 1)`, and a task predicts
+/// `max(1, (task_sum + global * OUTPUT_PRIOR_WEIGHT) / (task_n + OUTPUT_PRIOR_WEIGHT))`.
+#[derive(Debug, Clone)]
+pub struct OutputLengthPredictor {
+    sum: [f64; Task::COUNT],
+    n: [f64; Task::COUNT],
+    all_sum: f64,
+    all_n: f64,
+}
+
+impl Default for OutputLengthPredictor {
+    fn default() -> Self {
+        Self {
+            sum: [0.0; Task::COUNT],
+            n: [0.0; Task::COUNT],
+            all_sum: 0.0,
+            all_n: 0.0,
+        }
+    }
+}
+
+impl OutputLengthPredictor {
+    /// Predicted output tokens of a request of `task` (at least 1).
+    pub fn predict(&self, task: Task) -> f64 {
+        let global = (self.all_sum + PRIOR_OUTPUT_TOKENS) / (self.all_n + 1.0);
+        let t = task.index();
+        ((self.sum[t] + global * OUTPUT_PRIOR_WEIGHT) / (self.n[t] + OUTPUT_PRIOR_WEIGHT)).max(1.0)
+    }
+
+    /// Learns from a completed request.
+    pub fn observe(&mut self, task: Task, output_tokens: u32) {
+        let t = task.index();
+        self.sum[t] += f64::from(output_tokens);
+        self.n[t] += 1.0;
+        self.all_sum += f64::from(output_tokens);
+        self.all_n += 1.0;
+    }
+
+    /// Completed requests of `task` observed so far.
+    pub fn observations(&self, task: Task) -> u64 {
+        self.n[task.index()] as u64
+    }
+}
+
+/// Mean realised quality per (expert, task), starting from priors.
+///
+/// Expert `e` on `task` predicts
+/// `(prior * QUALITY_PRIOR_WEIGHT + sum) / (QUALITY_PRIOR_WEIGHT + n)` over the `n` observed
+/// qualities. Experts are indexed (`0..experts()`); predicting or observing an expert out of
+/// range panics. For experts keyed by name and checked input, use [`QualityBook`].
+#[derive(Debug, Clone)]
+pub struct QualityPredictor {
+    prior: Vec<[f64; Task::COUNT]>,
+    sum: Vec<[f64; Task::COUNT]>,
+    n: Vec<[f64; Task::COUNT]>,
+}
+
+impl QualityPredictor {
+    /// One prior table per expert (indexed by [`Task::index`]).
+    pub fn new(prior: Vec<[f64; Task::COUNT]>) -> Self {
+        let experts = prior.len();
+        Self {
+            prior,
+            sum: vec![[0.0; Task::COUNT]; experts],
+            n: vec![[0.0; Task::COUNT]; experts],
+        }
+    }
+
+    /// Number of experts.
+    pub fn experts(&self) -> usize {
+        self.prior.len()
+    }
+
+    /// Predicted quality of expert `e` on `task`.
+    pub fn predict(&self, e: usize, task: Task) -> f64 {
+        let t = task.index();
+        (self.prior[e][t] * QUALITY_PRIOR_WEIGHT + self.sum[e][t])
+            / (QUALITY_PRIOR_WEIGHT + self.n[e][t])
+    }
+
+    /// Learns the quality expert `e` delivered on a completed request of `task`.
+    pub fn observe(&mut self, e: usize, task: Task, quality: f64) {
+        let t = task.index();
+        self.sum[e][t] += quality;
+        self.n[e][t] += 1.0;
+    }
+}
+
+/// Both predictors of the simulator, producing one [`Prediction`] per expert.
+#[derive(Debug, Clone)]
+pub struct Predictors {
+    /// Output length.
+    pub output: OutputLengthPredictor,
+    /// Quality.
+    pub quality: QualityPredictor,
+}
+
+impl Predictors {
+    /// Fills `out` with the prediction for each expert.
+    pub fn predict_into(&self, task: Task, out: &mut Vec<Prediction>) {
+        out.clear();
+        let output_tokens = self.output.predict(task);
+        out.extend((0..self.quality.prior.len()).map(|e| Prediction {
+            output_tokens,
+            quality: self.quality.predict(e, task),
+        }));
+    }
+}
+
+/// Per-task running sums of one expert.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TaskSums {
+    sum: [f64; Task::COUNT],
+    n: [f64; Task::COUNT],
+}
+
+impl TaskSums {
+    const EMPTY: Self = Self {
+        sum: [0.0; Task::COUNT],
+        n: [0.0; Task::COUNT],
+    };
+}
+
+/// For each name of `new`, the history kept under that name in `old` (first match), else
+/// `empty`.
+fn carry_over<T: Copy>(old_names: &[String], old: &[T], new: &[String], empty: T) -> Vec<T> {
+    let mut by_name: HashMap<&str, usize> = HashMap::with_capacity(old_names.len());
+    for (i, name) in old_names.iter().enumerate() {
+        by_name.entry(name.as_str()).or_insert(i);
+    }
+    new.iter()
+        .map(|name| {
+            by_name
+                .get(name.as_str())
+                .and_then(|&i| old.get(i).copied())
+                .unwrap_or(empty)
+        })
+        .collect()
+}
+
+/// Output tokens per (expert, task), for the daemon: each expert's running mean on a task,
+/// shrunk toward the per-task mean over all experts, itself shrunk toward the global mean.
+///
+/// Expert `e` on `task` predicts
+/// `max(1, (e_sum + pooled * OUTPUT_PRIOR_WEIGHT) / (e_n + OUTPUT_PRIOR_WEIGHT))`, where
+/// `pooled` is exactly what an [`OutputLengthPredictor`] fed with every completion predicts
+/// for the task (same prior [`PRIOR_OUTPUT_TOKENS`], same weights). So an expert with no
+/// history predicts what the others did, and an expert with many completions predicts its
+/// own mean.
+///
+/// # Experts are keyed by name
+///
+/// The experts are a list of names in policy order; indices (`e`) are positions in that list.
+/// [`ExpertOutputLengths::reconfigure`] takes the new list after a config reload: an expert
+/// whose name is kept keeps its own history (wherever it moved in the list), a new name starts
+/// with none, a removed name's own history is dropped. The pooled per-task and global means
+/// keep every completion ever observed, removed experts' included: they describe what the
+/// devices ask for as much as who answered. Names are expected to be unique (as expert names
+/// in a config are); if a name appears twice anyway, every new position holding it starts
+/// from a copy of the history of its first position in the old list.
+#[derive(Debug, Clone)]
+pub struct ExpertOutputLengths {
+    names: Vec<String>,
+    own: Vec<TaskSums>,
+    pooled: OutputLengthPredictor,
+}
+
+impl ExpertOutputLengths {
+    /// No history yet, for the experts named `names` (in policy order).
+    pub fn new<I, S>(names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let names: Vec<String> = names.into_iter().map(Into::into).collect();
+        let own = vec![TaskSums::EMPTY; names.len()];
+        Self {
+            names,
+            own,
+            pooled: OutputLengthPredictor::default(),
+        }
+    }
+
+    /// Number of experts.
+    pub fn experts(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The experts' names in policy order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Position of the expert named `name`, if present.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// Predicted output tokens of a `task` request on expert `e` (at least 1). An index out of
+    /// range is an expert with no history: the pooled per-task prediction.
+    pub fn predict(&self, e: usize, task: Task) -> f64 {
+        let pooled = self.pooled.predict(task);
+        let Some(own) = self.own.get(e) else {
+            return pooled;
+        };
+        let t = task.index();
+        ((own.sum[t] + pooled * OUTPUT_PRIOR_WEIGHT) / (own.n[t] + OUTPUT_PRIOR_WEIGHT)).max(1.0)
+    }
+
+    /// The per-task prediction over all experts (what an expert with no history predicts).
+    pub fn predict_pooled(&self, task: Task) -> f64 {
+        self.pooled.predict(task)
+    }
+
+    /// Learns from a request of `task` that expert `e` completed with `output_tokens`
+    /// completion tokens. Returns `false` (and learns nothing) if `e` is out of range.
+    pub fn observe(&mut self, e: usize, task: Task, output_tokens: u32) -> bool {
+        let Some(own) = self.own.get_mut(e) else {
+            return false;
+        };
+        let t = task.index();
+        own.sum[t] += f64::from(output_tokens);
+        own.n[t] += 1.0;
+        self.pooled.observe(task, output_tokens);
+        true
+    }
+
+    /// Completions of `task` observed from expert `e` (0 out of range).
+    pub fn observations(&self, e: usize, task: Task) -> u64 {
+        self.own.get(e).map_or(0, |o| o.n[task.index()] as u64)
+    }
+
+    /// Takes the expert list of a reloaded config (names in the new policy order): kept names
+    /// keep their history, new names start with none, removed names' own history is dropped;
+    /// the pooled means are kept whole.
+    pub fn reconfigure<S: AsRef<str>>(&mut self, names: &[S]) {
+        let names: Vec<String> = names.iter().map(|n| n.as_ref().to_owned()).collect();
+        self.own = carry_over(&self.names, &self.own, &names, TaskSums::EMPTY);
+        self.names = names;
+    }
+}
+
+/// A quality prior that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("quality prior of expert `{expert}` on `{task}` must be in [0, 1], got {value}")]
+pub struct InvalidQualityPrior {
+    /// The expert's name.
+    pub expert: String,
+    /// The task.
+    pub task: Task,
+    /// The offending value.
+    pub value: f64,
+}
+
+/// Quality per (expert, task) for the daemon: a [`QualityPredictor`] (same formula, same
+/// [`QUALITY_PRIOR_WEIGHT`]) whose experts are keyed by name, with checked input.
+///
+/// Priors come from the config (one table per expert, by [`Task::index`]); observations are
+/// device feedback scores in `[0, 1]`. [`QualityBook::reconfigure`] takes the reloaded
+/// config's experts and priors: a kept name keeps its feedback (sum and count per task) and
+/// takes the *new* prior; a new name starts from its prior with no feedback; a removed name's
+/// feedback is dropped. Indices (`e`) are positions in the current list (policy order).
+#[derive(Debug, Clone)]
+pub struct QualityBook {
+    names: Vec<String>,
+    predictor: QualityPredictor,
+}
+
+/// Checks one expert's priors.
+fn check_priors(name: &str, prior: &[f64; Task::COUNT]) -> Result<(), InvalidQualityPrior> {
+    for task in Task::ALL {
+        let value = prior[task.index()];
+        if !(value.is_finite() && (0.0..=1.0).contains(&value)) {
+            return Err(InvalidQualityPrior {
+                expert: name.to_owned(),
+                task,
+                value,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl QualityBook {
+    /// No feedback yet; `experts` are (name, prior per task) in policy order. Every prior must
+    /// be finite and in `[0, 1]`.
+    pub fn new<S: Into<String>>(
+        experts: impl IntoIterator<Item = (S, [f64; Task::COUNT])>,
+    ) -> Result<Self, InvalidQualityPrior> {
+        let (names, priors) = Self::checked(experts)?;
+        Ok(Self {
+            names,
+            predictor: QualityPredictor::new(priors),
+        })
+    }
+
+    fn checked<S: Into<String>>(
+        experts: impl IntoIterator<Item = (S, [f64; Task::COUNT])>,
+    ) -> Result<(Vec<String>, Vec<[f64; Task::COUNT]>), InvalidQualityPrior> {
+        let mut names = Vec::new();
+        let mut priors = Vec::new();
+        for (name, prior) in experts {
+            let name: String = name.into();
+            check_priors(&name, &prior)?;
+            names.push(name);
+            priors.push(prior);
+        }
+        Ok((names, priors))
+    }
+
+    /// Number of experts.
+    pub fn experts(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The experts' names in policy order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Position of the expert named `name`, if present.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// Predicted quality of expert `e` on `task`, in `[0, 1]`; 0 for an index out of range
+    /// (an unknown expert is never worth routing to for its quality).
+    pub fn predict(&self, e: usize, task: Task) -> f64 {
+        if e < self.predictor.experts() {
+            self.predictor.predict(e, task)
+        } else {
+            0.0
+        }
+    }
+
+    /// Learns a feedback score of expert `e` on a request of `task`. Returns `false` (and
+    /// learns nothing) if `e` is out of range or `quality` is not a finite number in `[0, 1]`.
+    pub fn observe(&mut self, e: usize, task: Task, quality: f64) -> bool {
+        if e >= self.predictor.experts() || !(quality.is_finite() && (0.0..=1.0).contains(&quality))
+        {
+            return false;
+        }
+        self.predictor.observe(e, task, quality);
+        true
+    }
+
+    /// Feedback scores of `task` observed for expert `e` (0 out of range).
+    pub fn observations(&self, e: usize, task: Task) -> u64 {
+        self.predictor
+            .n
+            .get(e)
+            .map_or(0, |n| n[task.index()] as u64)
+    }
+
+    /// Takes the experts of a reloaded config (name, prior per task, in the new policy order).
+    /// Kept names keep their feedback and take the new prior; new names start from their
+    /// prior; removed names' feedback is dropped. On an invalid prior nothing changes.
+    pub fn reconfigure<S: Into<String>>(
+        &mut self,
+        experts: impl IntoIterator<Item = (S, [f64; Task::COUNT])>,
+    ) -> Result<(), InvalidQualityPrior> {
+        let (names, prior) = Self::checked(experts)?;
+        let p = &self.predictor;
+        let sums = carry_over(&self.names, &p.sum, &names, [0.0; Task::COUNT]);
+        let ns = carry_over(&self.names, &p.n, &names, [0.0; Task::COUNT]);
+        self.predictor = QualityPredictor {
+            prior,
+            sum: sums,
+            n: ns,
+        };
+        self.names = names;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn output_prediction_moves_from_prior_to_observed_mean() {
+        let mut p = OutputLengthPredictor::default();
+        assert_eq!(p.predict(Task::Chat), PRIOR_OUTPUT_TOKENS);
+        for _ in 0..1000 {
+            p.observe(Task::Math, 100);
+        }
+        assert!((p.predict(Task::Math) - 100.0).abs() < 1.0);
+        // Unseen task falls back on the global mean.
+        assert!((p.predict(Task::Chat) - 100.0).abs() < 1.0);
+        assert_eq!(p.observations(Task::Math), 1000);
+    }
+
+    #[test]
+    fn quality_prediction_blends_prior_and_observations() {
+        let mut prior = [0.5; Task::COUNT];
+        prior[Task::Mmlu.index()] = 0.8;
+        let mut q = QualityPredictor::new(vec![prior]);
+        assert_eq!(q.predict(0, Task::Mmlu), 0.8);
+        for _ in 0..20 {
+            q.observe(0, Task::Mmlu, 0.0);
+        }
+        assert!((q.predict(0, Task::Mmlu) - 0.4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn predictors_give_one_prediction_per_expert() {
+        let p = Predictors {
+            output: OutputLengthPredictor::default(),
+            quality: QualityPredictor::new(vec![[0.3; Task::COUNT], [0.7; Task::COUNT]]),
+        };
+        let mut out = vec![Prediction {
+            output_tokens: 9.0,
+            quality: 9.0,
+        }];
+        p.predict_into(Task::Chat, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].output_tokens, PRIOR_OUTPUT_TOKENS);
+        assert_eq!(out[1].quality, 0.7);
+    }
+
+    #[test]
+    fn expert_lengths_start_from_the_prior_and_match_the_pooled_predictor() {
+        let mut lengths = ExpertOutputLengths::new(["a", "b", "c"]);
+        let mut pooled = OutputLengthPredictor::default();
+        for e in 0..3 {
+            assert_eq!(lengths.predict(e, Task::Chat), PRIOR_OUTPUT_TOKENS);
+        }
+        for (i, tokens) in [10u32, 500, 40, 7, 300, 120].into_iter().enumerate() {
+            let task = if i % 2 == 0 { Task::Math } else { Task::Chat };
+            assert!(lengths.observe(i % 2, task, tokens));
+            pooled.observe(task, tokens);
+        }
+        // Expert 2 saw nothing: exactly the per-task predictor over everyone's completions.
+        for task in Task::ALL {
+            assert_eq!(lengths.predict(2, task), pooled.predict(task));
+            assert_eq!(lengths.predict_pooled(task), pooled.predict(task));
+            assert_eq!(lengths.predict(99, task), pooled.predict(task));
+        }
+        assert!(!lengths.observe(3, Task::Chat, 5));
+        assert_eq!(lengths.observations(0, Task::Math), 3);
+        assert_eq!(lengths.observations(1, Task::Math), 0);
+    }
+
+    #[test]
+    fn expert_lengths_are_shrunk_toward_the_task_mean() {
+        let mut lengths = ExpertOutputLengths::new(["a", "b"]);
+        lengths.observe(0, Task::Gsm8k, 100);
+        // Pooled: global = (100 + 256) / 2 = 178; task = (100 + 178*4) / 5 = 162.4.
+        let task_mean = (100.0 + 178.0 * 4.0) / 5.0;
+        assert!((lengths.predict_pooled(Task::Gsm8k) - task_mean).abs() < 1e-12);
+        let own = (100.0 + task_mean * 4.0) / 5.0;
+        assert!((lengths.predict(0, Task::Gsm8k) - own).abs() < 1e-12);
+        assert!((lengths.predict(1, Task::Gsm8k) - task_mean).abs() < 1e-12);
+    }
+
+    #[test]
+    fn expert_lengths_follow_names_across_a_reload() {
+        let mut lengths = ExpertOutputLengths::new(["a", "b", "c"]);
+        for _ in 0..50 {
+            lengths.observe(0, Task::Mbpp, 40);
+            lengths.observe(1, Task::Mbpp, 400);
+            lengths.observe(2, Task::Mbpp, 900);
+        }
+        let a = lengths.predict(0, Task::Mbpp);
+        let b = lengths.predict(1, Task::Mbpp);
+        let pooled = lengths.predict_pooled(Task::Mbpp);
+        // "c" removed, "b" moved first, "d" added.
+        lengths.reconfigure(&["b", "d", "a"]);
+        assert_eq!(lengths.names(), ["b", "d", "a"]);
+        assert_eq!(lengths.index_of("a"), Some(2));
+        assert_eq!(lengths.index_of("c"), None);
+        assert_eq!(lengths.predict(0, Task::Mbpp), b);
+        assert_eq!(lengths.predict(2, Task::Mbpp), a);
+        // The newcomer predicts the pooled mean, which still counts the removed expert.
+        assert_eq!(lengths.predict_pooled(Task::Mbpp), pooled);
+        assert_eq!(lengths.predict(1, Task::Mbpp), pooled);
+        assert_eq!(lengths.observations(1, Task::Mbpp), 0);
+        // A removed then re-added name starts afresh.
+        lengths.reconfigure(&["c"]);
+        assert_eq!(lengths.observations(0, Task::Mbpp), 0);
+        assert_eq!(lengths.experts(), 1);
+    }
+
+    #[test]
+    fn quality_book_checks_input_and_follows_names() {
+        let mut prior_a = [0.5; Task::COUNT];
+        prior_a[Task::Mmlu.index()] = 0.8;
+        let mut book = QualityBook::new([("a", prior_a), ("b", [0.2; Task::COUNT])]).unwrap();
+        assert_eq!(book.predict(0, Task::Mmlu), 0.8);
+        assert_eq!(book.predict(2, Task::Mmlu), 0.0);
+        for _ in 0..20 {
+            assert!(book.observe(0, Task::Mmlu, 0.0));
+        }
+        assert!(!book.observe(0, Task::Mmlu, f64::NAN));
+        assert!(!book.observe(0, Task::Mmlu, 1.5));
+        assert!(!book.observe(0, Task::Mmlu, -0.1));
+        assert!(!book.observe(7, Task::Mmlu, 0.5));
+        assert_eq!(book.observations(0, Task::Mmlu), 20);
+        assert!((book.predict(0, Task::Mmlu) - 0.4).abs() < 1e-12);
+
+        // Reload: "a" moves to position 1 with a new prior and keeps its feedback; "b" goes;
+        // "c" arrives.
+        let mut new_prior_a = [0.5; Task::COUNT];
+        new_prior_a[Task::Mmlu.index()] = 0.6;
+        book.reconfigure([("c", [0.9; Task::COUNT]), ("a", new_prior_a)])
+            .unwrap();
+        assert_eq!(book.names(), ["c", "a"]);
+        assert_eq!(book.index_of("a"), Some(1));
+        assert!((book.predict(1, Task::Mmlu) - 0.3).abs() < 1e-12);
+        assert_eq!(book.predict(0, Task::Mmlu), 0.9);
+        assert_eq!(book.observations(0, Task::Mmlu), 0);
+
+        // A bad prior is refused and changes nothing.
+        let mut bad = [0.5; Task::COUNT];
+        bad[Task::Chat.index()] = f64::INFINITY;
+        let err = book.reconfigure([("a", bad)]).unwrap_err();
+        assert_eq!(err.expert, "a");
+        assert_eq!(err.task, Task::Chat);
+        assert_eq!(book.experts(), 2);
+        assert!(QualityBook::new([("x", [1.1; Task::COUNT])]).is_err());
+    }
+
+    proptest! {
+        /// (c) An expert with no history predicts the per-task mean over the others; with
+        /// data, an expert converges to its own mean.
+        #[test]
+        fn expert_lengths_pool_then_converge_to_own_mean(
+            means in prop::collection::vec(1u32..2000, 2..6),
+            per_expert in 1usize..400,
+            seed in any::<u64>(),
+        ) {
+            let names: Vec<String> = (0..=means.len()).map(|i| format!("e{i}")).collect();
+            let mut lengths = ExpertOutputLengths::new(names.iter().cloned());
+            let mut rng = crate::rng::SimRng::new(seed);
+            let (mut task_sum, mut task_n) = (0.0, 0.0);
+            let mut own_sum = vec![0.0; means.len()];
+            for _ in 0..per_expert {
+                for (e, &m) in means.iter().enumerate() {
+                    // Uniform in [m/2, 3m/2]: mean m.
+                    let tokens = (f64::from(m) * (0.5 + rng.unit())).round() as u32;
+                    lengths.observe(e, Task::Math, tokens);
+                    own_sum[e] += f64::from(tokens);
+                    task_sum += f64::from(tokens);
+                    task_n += 1.0;
+                }
+            }
+            // The last expert saw nothing: the pooled per-task mean (the global mean is the
+            // same data plus the 256-token prior worth one observation).
+            let global = (task_sum + PRIOR_OUTPUT_TOKENS) / (task_n + 1.0);
+            let pooled = (task_sum + global * OUTPUT_PRIOR_WEIGHT) / (task_n + OUTPUT_PRIOR_WEIGHT);
+            let unseen = lengths.predict(means.len(), Task::Math);
+            prop_assert!((unseen - pooled.max(1.0)).abs() <= 1e-9 * pooled);
+            let task_mean = task_sum / task_n;
+            prop_assert!((unseen - task_mean).abs()
+                <= OUTPUT_PRIOR_WEIGHT / (task_n + OUTPUT_PRIOR_WEIGHT)
+                    * (PRIOR_OUTPUT_TOKENS - task_mean).abs() + 1e-9 * task_mean);
+            // Each expert with data: its own mean, shrunk toward the pooled one by 4/(n + 4).
+            let n = per_expert as f64;
+            let shrink = OUTPUT_PRIOR_WEIGHT / (n + OUTPUT_PRIOR_WEIGHT);
+            for (e, &sum) in own_sum.iter().enumerate() {
+                let own_mean = sum / n;
+                let predicted = lengths.predict(e, Task::Math);
+                prop_assert!(
+                    ((predicted - own_mean).abs() - shrink * (pooled - own_mean).abs()).abs()
+                        <= 1e-9 * own_mean.max(pooled)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn expert_lengths_converge_to_own_mean_with_data() {
+        let mut lengths = ExpertOutputLengths::new(["short", "long"]);
+        for _ in 0..4000 {
+            lengths.observe(0, Task::Chat, 50);
+            lengths.observe(1, Task::Chat, 800);
+        }
+        assert!((lengths.predict(0, Task::Chat) - 50.0).abs() < 1.0);
+        assert!((lengths.predict(1, Task::Chat) - 800.0).abs() < 1.0);
+        // The pooled mean is in between.
+        assert!((lengths.predict_pooled(Task::Chat) - 425.0).abs() < 1.0);
+    }
+}
