@@ -1,0 +1,615 @@
+//! The daemon's tasks and their lifetimes: who starts what, who stops it.
+//!
+//! `run` owns every task in one `JoinSet`: the MQTT event loop, the dispatcher (which owns the
+//! request tasks in a `JoinSet` of its own), the expert health checker, the metrics endpoint
+//! and the systemd watchdog. Signals: SIGHUP reloads the configuration through the same
+//! validation as at start (a bad file changes nothing); SIGTERM or SIGINT drain: new requests
+//! get a `shutting_down` reply, in-flight ones get `shutdown.drain_deadline_s` to finish, then
+//! the rest are cut with an error reply, and the link is closed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use qosroute_core::OnnxPolicy;
+use qosroute_expert_client::{ExpertClient, ExpertEndpoint, Timeouts};
+use qosroute_proto::{self as proto, Encoding, ErrorCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::{DeviceRateLimiter, RecentRequests};
+use crate::config::Config;
+use crate::link::{self, Incoming, Link};
+use crate::metrics::{Metrics, Outcome};
+use crate::router::Router;
+use crate::serve::{self, ReplyRoute};
+use crate::topics::{self, TopicKind};
+
+/// A request as its device names it: (device, request id).
+type DeviceRequest = (String, String);
+/// Which expert answered a request, its task, and when.
+type Answered = (String, qosroute_core::Task, Instant);
+
+/// State shared by every task.
+#[derive(Debug)]
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    /// The decision maker and its books.
+    pub router: Mutex<Router>,
+    clients: RwLock<HashMap<String, ExpertClient>>,
+    /// The MQTT link.
+    pub link: Link,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when in-flight requests must stop (drain deadline passed).
+    pub cut: CancellationToken,
+    next_key: AtomicU64,
+    answered: std::sync::Mutex<HashMap<DeviceRequest, Answered>>,
+}
+
+impl Shared {
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// A fresh internal request key.
+    pub fn next_key(&self) -> u64 {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The HTTP client of an expert, by name.
+    pub fn client(&self, name: &str) -> Option<ExpertClient> {
+        let clients = match self.clients.read() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        clients.get(name).cloned()
+    }
+
+    /// Remembers which expert answered a device's request, for its feedback.
+    pub fn answered(&self, device: &str, id: &str, expert: &str, task: qosroute_core::Task) {
+        if let Ok(mut map) = self.answered.lock() {
+            let now = Instant::now();
+            if map.len() > 100_000 {
+                map.retain(|_, (_, _, at)| {
+                    now.saturating_duration_since(*at) < Duration::from_secs(600)
+                });
+            }
+            map.insert(
+                (device.to_owned(), id.to_owned()),
+                (expert.to_owned(), task, now),
+            );
+        }
+    }
+}
+
+fn timeouts(config: &Config) -> Timeouts {
+    let t = &config.timeouts;
+    Timeouts {
+        connect: Duration::from_secs_f64(t.connect_s),
+        first_token: Duration::from_secs_f64(t.first_token_s),
+        between_tokens: Duration::from_secs_f64(t.between_tokens_s),
+        total: Duration::from_secs_f64(t.total_s),
+    }
+}
+
+fn build_clients(config: &Config) -> anyhow::Result<HashMap<String, ExpertClient>> {
+    let mut out = HashMap::new();
+    for e in &config.experts {
+        let api_key = e.api_key_env.as_ref().and_then(|v| std::env::var(v).ok());
+        let mut endpoint = ExpertEndpoint::new(&e.name, &e.base_url, &e.model, e.kind);
+        endpoint.api_key = api_key;
+        endpoint.timeouts = timeouts(config);
+        if let Some(m) = &e.metrics {
+            let mut names = e.kind.default_metric_names();
+            if let Some(x) = &m.running {
+                names.running = Some(x.clone());
+            }
+            if let Some(x) = &m.waiting {
+                names.waiting = Some(x.clone());
+            }
+            if let Some(x) = &m.kv_usage {
+                names.kv_usage = Some(x.clone());
+            }
+            endpoint.metric_names = names;
+        }
+        let client = ExpertClient::new(endpoint).with_context(|| format!("expert `{}`", e.name))?;
+        out.insert(e.name.clone(), client);
+    }
+    Ok(out)
+}
+
+fn load_model(config: &Config) -> Option<OnnxPolicy> {
+    let file = config.model_file()?;
+    match OnnxPolicy::load(&file) {
+        Ok(m) => {
+            tracing::info!(model = %file.display(), "learned router loaded");
+            Some(m)
+        }
+        Err(error) => {
+            tracing::warn!(model = %file.display(), %error, fallback = %config.policy.fallback, "learned router unusable; routing with the fallback");
+            None
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT and the drain that follows.
+pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let epoch = Instant::now();
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::default());
+    let router = Router::new(&config, load_model(&config), epoch)?;
+    tracing::info!(policy = router.policy_name(), experts = config.experts.len(), site = %config.site, "starting");
+    let (link, eventloop) = link::connect(&config.broker).context("broker")?;
+    let shared = Arc::new(Shared {
+        config: RwLock::new(config.clone()),
+        router: Mutex::new(router),
+        clients: RwLock::new(build_clients(&config)?),
+        link: link.clone(),
+        metrics: metrics.clone(),
+        cut: CancellationToken::new(),
+        next_key: AtomicU64::new(1),
+        answered: std::sync::Mutex::new(HashMap::new()),
+    });
+
+    let stop_link = CancellationToken::new();
+    let stop_dispatch = CancellationToken::new();
+    let stop_background = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let (incoming_tx, incoming_rx) = mpsc::channel(1024);
+    tasks.spawn(link::run_event_loop(
+        eventloop,
+        link.clone(),
+        vec![config.request_filter(), config.feedback_filter()],
+        incoming_tx,
+        metrics.clone(),
+        (
+            Duration::from_secs_f64(config.broker.reconnect_min_s),
+            Duration::from_secs_f64(config.broker.reconnect_max_s),
+        ),
+        stop_link.clone(),
+    ));
+    let dispatcher = tokio::spawn(dispatch(shared.clone(), incoming_rx, stop_dispatch.clone()));
+    tasks.spawn(check_experts(shared.clone(), stop_background.clone()));
+    if let Some(addr) = config.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics.listen {addr}"))?;
+        tracing::info!(%addr, "metrics endpoint");
+        tasks.spawn(serve_metrics(
+            shared.clone(),
+            listener,
+            stop_background.clone(),
+        ));
+    }
+    tasks.spawn(watchdog(stop_background.clone()));
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(&shared, &path).await,
+            _ = terminate.recv() => break,
+            r = tokio::signal::ctrl_c() => { r?; break; }
+        }
+    }
+
+    // Drain.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let deadline = Duration::from_secs_f64(shared.config().shutdown.drain_deadline_s);
+    tracing::info!(
+        in_flight = shared.router.lock().await.ledger.in_flight(),
+        deadline_s = deadline.as_secs_f64(),
+        "draining"
+    );
+    stop_dispatch.cancel();
+    let cut = shared.cut.clone();
+    let cutter = tokio::spawn(async move {
+        tokio::time::sleep(deadline).await;
+        cut.cancel();
+    });
+    match dispatcher.await {
+        Ok(()) => {}
+        Err(e) => tracing::error!(error = %e, "dispatcher task failed"),
+    }
+    cutter.abort();
+    let _ = link.disconnect().await;
+    // Give the event loop a moment to flush the last replies and the DISCONNECT.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_link.cancel();
+    stop_background.cancel();
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "task failed");
+        }
+    }
+    tracing::info!(completed = metrics.outcomes(Outcome::Completed), "stopped");
+    Ok(())
+}
+
+async fn reload(shared: &Shared, path: &std::path::Path) {
+    let config = match Config::load(path) {
+        Ok(c) => Arc::new(c),
+        Err(error) => {
+            tracing::error!(%error, "reload refused: the configuration in force stays");
+            return;
+        }
+    };
+    let old = shared.config();
+    if config.broker != old.broker || config.site != old.site {
+        tracing::warn!("broker and site changes need a restart; applying the rest");
+    }
+    let clients = match build_clients(&config) {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "reload refused");
+            return;
+        }
+    };
+    {
+        let mut router = shared.router.lock().await;
+        let model = if config.policy == old.policy {
+            None
+        } else {
+            load_model(&config)
+        };
+        match router.reconfigure(&config, model, config.policy != old.policy) {
+            Ok(()) => {}
+            Err(error) => {
+                tracing::error!(%error, "reload refused");
+                return;
+            }
+        }
+    }
+    if let Ok(mut c) = shared.clients.write() {
+        *c = clients;
+    }
+    if let Ok(mut c) = shared.config.write() {
+        *c = config.clone();
+    }
+    tracing::info!(experts = config.experts.len(), "configuration reloaded");
+}
+
+/// Decodes, admits and starts every incoming request; answers what it cannot take.
+async fn dispatch(
+    shared: Arc<Shared>,
+    mut incoming: mpsc::Receiver<Incoming>,
+    stop: CancellationToken,
+) {
+    let config = shared.config();
+    let mut limiter = DeviceRateLimiter::new(
+        config.admission.device_rate_per_s,
+        config.admission.device_burst,
+    );
+    let mut recent = RecentRequests::new(Duration::from_secs(600));
+    let mut requests: JoinSet<()> = JoinSet::new();
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled() => None,
+            m = incoming.recv() => m,
+            Some(_) = requests.join_next(), if !requests.is_empty() => continue,
+        };
+        let Some(message) = message else { break };
+        admit(
+            &shared,
+            message,
+            &mut limiter,
+            &mut recent,
+            &mut requests,
+            false,
+        );
+    }
+    // Draining: what still arrives is answered with `shutting_down`; in-flight requests finish
+    // (or are cut at the deadline).
+    loop {
+        tokio::select! {
+            m = incoming.recv() => match m {
+                Some(message) => admit(&shared, message, &mut limiter, &mut recent, &mut requests, true),
+                None => break,
+            },
+            r = requests.join_next() => if r.is_none() { break },
+        }
+    }
+    while requests.join_next().await.is_some() {}
+}
+
+fn admit(
+    shared: &Arc<Shared>,
+    message: Incoming,
+    limiter: &mut DeviceRateLimiter,
+    recent: &mut RecentRequests,
+    requests: &mut JoinSet<()>,
+    draining: bool,
+) {
+    let now = Instant::now();
+    let config = shared.config();
+    let topic = message.topic();
+    let Some((kind, suffix)) = topics::parse_topic(&config.site, &topic) else {
+        tracing::debug!(%topic, "not a qosroute topic");
+        let s = shared.clone();
+        requests.spawn(async move {
+            let _ = s.link.ack(&message).await;
+        });
+        return;
+    };
+    let props = message.properties();
+    let encoding = props
+        .and_then(|p| p.content_type.as_deref())
+        .and_then(Encoding::from_content_type)
+        .or(suffix)
+        .unwrap_or(Encoding::Json);
+    let device = match &kind {
+        TopicKind::Request { device } | TopicKind::Feedback { device } => device.clone(),
+    };
+    if let TopicKind::Feedback { .. } = kind {
+        let s = shared.clone();
+        requests.spawn(async move {
+            apply_feedback(&s, &device, &message, encoding).await;
+            let _ = s.link.ack(&message).await;
+        });
+        return;
+    }
+    let route = ReplyRoute {
+        topic: props
+            .and_then(|p| p.response_topic.clone())
+            .unwrap_or_else(|| topics::reply_topic(&config.site, &device)),
+        correlation_data: props.and_then(|p| p.correlation_data.clone()),
+        encoding,
+    };
+    let refuse = |code: ErrorCode,
+                  text: &'static str,
+                  outcome: Outcome,
+                  id: String,
+                  message: Incoming,
+                  requests: &mut JoinSet<()>| {
+        shared.metrics.count(outcome);
+        let s = shared.clone();
+        let route = route.clone();
+        requests.spawn(async move {
+            serve::send_error(&s, &route, &id, code, text).await;
+            let _ = s.link.ack(&message).await;
+        });
+    };
+    let request = match proto::decode_request(&message.publish.payload, encoding) {
+        Ok(r) => r,
+        Err(error) => {
+            let id = proto::peek_id(&message.publish.payload, encoding)
+                .map(|i| i.as_str().to_owned())
+                .unwrap_or_default();
+            tracing::info!(device = %device, %error, "undecodable request");
+            let code = error.code();
+            let s = shared.clone();
+            let route = route.clone();
+            shared.metrics.count(Outcome::Malformed);
+            let text = error.to_string();
+            requests.spawn(async move {
+                serve::send_error(&s, &route, &id, code, &text).await;
+                let _ = s.link.ack(&message).await;
+            });
+            return;
+        }
+    };
+    let id = request.id.as_str().to_owned();
+    if draining {
+        return refuse(
+            ErrorCode::ShuttingDown,
+            "the gateway is shutting down",
+            Outcome::ShuttingDown,
+            id,
+            message,
+            requests,
+        );
+    }
+    if !recent.first_time(&device, &id, now) {
+        tracing::info!(device = %device, id = %id, "duplicate request (redelivery) ignored");
+        let s = shared.clone();
+        requests.spawn(async move {
+            let _ = s.link.ack(&message).await;
+        });
+        return;
+    }
+    if request.deadline_unix_ms.is_some_and(|d| d < unix_ms_now()) {
+        return refuse(
+            ErrorCode::Expired,
+            "the request's deadline passed before it was served",
+            Outcome::Expired,
+            id,
+            message,
+            requests,
+        );
+    }
+    if !limiter.allow(&device, now) {
+        return refuse(
+            ErrorCode::RateLimited,
+            "this device sends faster than its rate limit",
+            Outcome::RateLimited,
+            id,
+            message,
+            requests,
+        );
+    }
+    if requests.len() >= config.admission.max_in_flight {
+        return refuse(
+            ErrorCode::Overloaded,
+            "the gateway is at capacity; retry later",
+            Outcome::Shed,
+            id,
+            message,
+            requests,
+        );
+    }
+    if config.logging.log_prompts {
+        tracing::info!(device = %device, id = %id, prompt = %request.prompt.as_str(), "request");
+    } else {
+        tracing::debug!(device = %device, id = %id, "request");
+    }
+    let s = shared.clone();
+    requests.spawn(serve::serve_request(
+        s, message, request, route, now, device,
+    ));
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+async fn apply_feedback(shared: &Shared, device: &str, message: &Incoming, encoding: Encoding) {
+    let feedback = match proto::decode_feedback(&message.publish.payload, encoding) {
+        Ok(f) => f,
+        Err(error) => {
+            tracing::info!(device = %device, %error, "undecodable feedback ignored");
+            return;
+        }
+    };
+    let known = shared.answered.lock().ok().and_then(|m| {
+        m.get(&(device.to_owned(), feedback.id.as_str().to_owned()))
+            .cloned()
+    });
+    let Some((expert, task, _)) = known else {
+        tracing::info!(device = %device, id = %feedback.id.as_str(), "feedback for an unknown or old request ignored");
+        return;
+    };
+    let mut router = shared.router.lock().await;
+    if let Some(e) = router.ledger.index_of(&expert) {
+        router.learn_quality(e, task, f64::from(feedback.score));
+        shared.metrics.feedback.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Health-checks every expert each `telemetry.scrape_interval_s`.
+async fn check_experts(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let config = shared.config();
+        let names: Vec<String> = config.experts.iter().map(|e| e.name.clone()).collect();
+        let mut checks = JoinSet::new();
+        for name in names {
+            let reports_load = config
+                .experts
+                .iter()
+                .find(|e| e.name == name)
+                .is_some_and(Config::reports_load);
+            if let Some(client) = shared.client(&name) {
+                checks.spawn(async move {
+                    let ok = client.health().await.is_ok();
+                    let load = if ok && reports_load {
+                        client.scrape_load().await.ok()
+                    } else {
+                        None
+                    };
+                    (name, ok, load)
+                });
+            }
+        }
+        while let Some(r) = checks.join_next().await {
+            let Ok((name, ok, load)) = r else { continue };
+            let mut router = shared.router.lock().await;
+            let now = Instant::now();
+            let Some(e) = router.ledger.index_of(&name) else {
+                continue;
+            };
+            if ok {
+                router.ledger.mark_ok(e, now);
+            } else {
+                router.ledger.mark_failed(e, now, Duration::from_secs(5));
+            }
+            // A scrape without running or waiting counts is no report: the expert stays
+            // saturated in the policy's eyes until it reports.
+            if let Some(l) = load
+                && let (Some(running), Some(waiting)) = (l.running, l.waiting)
+            {
+                router.ledger.reported_load(
+                    e,
+                    crate::ledger::ReportedLoad {
+                        running,
+                        waiting,
+                        at: now,
+                    },
+                );
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs_f64(config.telemetry.scrape_interval_s)) => {}
+        }
+    }
+}
+
+/// `GET /metrics` on a plain HTTP/1.1 listener.
+async fn serve_metrics(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            a = listener.accept() => a,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let Ok((mut socket, _)) = accepted else {
+            continue;
+        };
+        let s = shared.clone();
+        connections.spawn(async move {
+            let mut head = vec![0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(2), socket.read(&mut head)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let line = String::from_utf8_lossy(&head[..n]);
+            let response = if line.starts_with("GET /metrics") {
+                let experts: Vec<crate::metrics::ExpertGauges> = {
+                    let router = s.router.lock().await;
+                    let now = Instant::now();
+                    let stale = Duration::from_secs_f64(s.config().telemetry.stale_after_s);
+                    router
+                        .ledger
+                        .experts
+                        .iter()
+                        .enumerate()
+                        .map(|(e, b)| crate::metrics::ExpertGauges {
+                            name: b.profile.name.clone(),
+                            in_flight: b.in_flight.len(),
+                            up: router.ledger.is_up(e, now, stale),
+                            latency: b.profile.latency,
+                        })
+                        .collect()
+                };
+                let body = s.metrics.render(&experts);
+                format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+            };
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+    }
+    connections.shutdown().await;
+}
+
+/// Pings the systemd watchdog at half its period when one is configured.
+async fn watchdog(stop: CancellationToken) {
+    let Some(timeout) = sd_notify::watchdog_enabled().filter(|t| !t.is_zero()) else {
+        return;
+    };
+    let period = timeout / 2;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(period) => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Router-side bookkeeping of every request in flight on every expert: exactly the state the
+//! policy was trained on (`qosroute_core::ClusterState`), built from what this daemon sent and
+//! saw stream back.
+//!
+//! An engine's internal queue is not visible over HTTP, so requests on an expert are taken as
+//! the engine's own model runs them: first come, first served, the first `max_slots` running
+//! and the rest waiting. Scraped engine metrics (other clients' load) and health decide
+//! whether the expert is usable: an expert whose signals are unknown or stale is not up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qosroute_core::{ClusterState, ExpertProfile, ExpertState, InFlight, Task};
+use tokio::time::Instant;
+
+/// A request this daemon dispatched to an expert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatched {
+    /// The daemon's own id of the request.
+    pub key: u64,
+    /// Task class.
+    pub task: Task,
+    /// Prompt tokens (estimated from the text).
+    pub prompt_tokens: u32,
+    /// Output tokens predicted at the decision.
+    pub predicted_output_tokens: f64,
+    /// Quality predicted at the decision.
+    pub predicted_quality: f64,
+    /// The request's SLO.
+    pub slo_s_per_token: f64,
+    /// When the request arrived at the daemon.
+    pub arrived_at: Instant,
+    /// When it was sent to the expert.
+    pub dispatched_at: Instant,
+    /// When its first token came back.
+    pub first_token_at: Option<Instant>,
+    /// Tokens streamed back so far.
+    pub generated_tokens: u32,
+}
+
+/// What the daemon knows about one expert besides its requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertHealth {
+    /// Last successful health check or scrape.
+    pub last_ok: Option<Instant>,
+    /// Consecutive failed requests or checks.
+    pub consecutive_failures: u32,
+    /// The circuit is open (no traffic) until then.
+    pub open_until: Option<Instant>,
+}
+
+/// Load an engine reports on its metrics endpoint (all clients, not only this daemon).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReportedLoad {
+    /// Requests running.
+    pub running: u32,
+    /// Requests waiting.
+    pub waiting: u32,
+    /// When it was scraped.
+    pub at: Instant,
+}
+
+/// One expert's book.
+#[derive(Debug, Clone)]
+pub struct ExpertBook {
+    /// Profile the policy reasons with (its latency model is refitted online).
+    pub profile: Arc<ExpertProfile>,
+    /// Requests in flight, in dispatch order.
+    pub in_flight: Vec<Dispatched>,
+    /// Health.
+    pub health: ExpertHealth,
+    /// Whether the engine exposes load metrics (vLLM, SGLang, llama.cpp do; Ollama does not).
+    pub reports_load: bool,
+    /// The last load it reported.
+    pub reported: Option<ReportedLoad>,
+    /// The latency model as configured (the profile's is refitted online).
+    pub configured_latency: qosroute_core::LatencyModel,
+}
+
+/// Typical size of a request the daemon did not send (another client's), for the load the
+/// engine reports beyond this daemon's own requests.
+const FOREIGN_PROMPT_TOKENS: u32 = 512;
+/// Typical output of a foreign request, tokens.
+const FOREIGN_OUTPUT_TOKENS: f64 = 256.0;
+/// A foreign request's SLO is unknown; it is taken as loose (its QoS is not ours to protect),
+/// finite so that every feature stays finite.
+const FOREIGN_SLO_S_PER_TOKEN: f64 = 1e3;
+
+/// Failures in a row that open an expert's circuit.
+pub const FAILURES_TO_OPEN: u32 = 3;
+
+/// The books of every expert, indexed as the policy indexes experts.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    /// Experts in policy order.
+    pub experts: Vec<ExpertBook>,
+}
+
+impl Ledger {
+    /// Books for these experts, none checked yet (so none up until a check succeeds).
+    pub fn new(profiles: &[Arc<ExpertProfile>]) -> Self {
+        Self {
+            experts: profiles
+                .iter()
+                .map(|p| ExpertBook {
+                    profile: p.clone(),
+                    in_flight: Vec::new(),
+                    health: ExpertHealth {
+                        last_ok: None,
+                        consecutive_failures: 0,
+                        open_until: None,
+                    },
+                    reports_load: false,
+                    reported: None,
+                    configured_latency: p.latency,
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether expert `e` may take traffic at `now`: checked recently and circuit closed.
+    pub fn is_up(&self, e: usize, now: Instant, stale_after: Duration) -> bool {
+        self.experts.get(e).is_some_and(|b| {
+            b.health
+                .last_ok
+                .is_some_and(|t| now.saturating_duration_since(t) <= stale_after)
+                && b.health.open_until.is_none_or(|t| now >= t)
+        })
+    }
+
+    /// The cluster state at `now`, as the policy reads it.
+    ///
+    /// Requests this daemon sent are exact. Beyond them, an engine that reports its load adds
+    /// requests of other clients (the reported count minus ours, as typical-size requests); if
+    /// its report is missing or stale the expert counts as saturated (every slot taken), never
+    /// as idle.
+    pub fn cluster_state(
+        &self,
+        now: Instant,
+        stale_after: Duration,
+        epoch: Instant,
+    ) -> ClusterState {
+        ClusterState {
+            now_s: now.saturating_duration_since(epoch).as_secs_f64(),
+            experts: self
+                .experts
+                .iter()
+                .enumerate()
+                .map(|(e, book)| {
+                    let slots = book.profile.max_slots as usize;
+                    let as_in_flight = |d: &Dispatched| InFlight {
+                        id: d.key,
+                        task: d.task,
+                        prompt_tokens: d.prompt_tokens,
+                        predicted_output_tokens: d.predicted_output_tokens,
+                        generated_tokens: d.generated_tokens,
+                        elapsed_s: now.saturating_duration_since(d.arrived_at).as_secs_f64(),
+                        predicted_quality: d.predicted_quality,
+                        slo_s_per_token: d.slo_s_per_token,
+                    };
+                    let mut all: Vec<InFlight> = book.in_flight.iter().map(as_in_flight).collect();
+                    if book.reports_load {
+                        let fresh = book
+                            .reported
+                            .filter(|r| now.saturating_duration_since(r.at) <= stale_after);
+                        let engine_total = match fresh {
+                            Some(r) => (r.running + r.waiting) as usize,
+                            None => slots.max(all.len()),
+                        };
+                        let foreign = engine_total.saturating_sub(all.len());
+                        all.extend((0..foreign).map(|i| InFlight {
+                            id: u64::MAX - i as u64,
+                            task: Task::Chat,
+                            prompt_tokens: FOREIGN_PROMPT_TOKENS,
+                            predicted_output_tokens: FOREIGN_OUTPUT_TOKENS,
+                            generated_tokens: 0,
+                            elapsed_s: 0.0,
+                            predicted_quality: 0.0,
+                            slo_s_per_token: FOREIGN_SLO_S_PER_TOKEN,
+                        }));
+                    }
+                    let waiting = all.split_off(all.len().min(slots));
+                    ExpertState {
+                        profile: book.profile.clone(),
+                        up: self.is_up(e, now, stale_after),
+                        utilisation: all.len() as f64 / slots.max(1) as f64,
+                        running: all,
+                        waiting,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Records the load an engine reported.
+    pub fn reported_load(&mut self, e: usize, load: ReportedLoad) {
+        if let Some(b) = self.experts.get_mut(e) {
+            b.reported = Some(load);
+        }
+    }
+
+    /// Records a dispatch.
+    pub fn dispatch(&mut self, e: usize, d: Dispatched) {
+        if let Some(book) = self.experts.get_mut(e) {
+            book.in_flight.push(d);
+        }
+    }
+
+    /// Records tokens streamed back for a request; returns whether it was the first.
+    pub fn tokens(&mut self, e: usize, key: u64, tokens: u32, at: Instant) -> bool {
+        let Some(d) = self
+            .experts
+            .get_mut(e)
+            .and_then(|b| b.in_flight.iter_mut().find(|d| d.key == key))
+        else {
+            return false;
+        };
+        d.generated_tokens = d.generated_tokens.saturating_add(tokens);
+        let first = d.first_token_at.is_none();
+        if first {
+            d.first_token_at = Some(at);
+        }
+        first
+    }
+
+    /// Removes a finished (or failed) request and returns its record.
+    pub fn finish(&mut self, e: usize, key: u64) -> Option<Dispatched> {
+        let book = self.experts.get_mut(e)?;
+        let i = book.in_flight.iter().position(|d| d.key == key)?;
+        Some(book.in_flight.remove(i))
+    }
+
+    /// A successful request, check or scrape: the expert is alive.
+    pub fn mark_ok(&mut self, e: usize, now: Instant) {
+        if let Some(b) = self.experts.get_mut(e) {
+            b.health.last_ok = Some(now);
+            b.health.consecutive_failures = 0;
+            b.health.open_until = None;
+        }
+    }
+
+    /// A failed request or check; opens the circuit for `open_for` after
+    /// [`FAILURES_TO_OPEN`] in a row (a half-open check closes it again via `mark_ok`).
+    pub fn mark_failed(&mut self, e: usize, now: Instant, open_for: Duration) {
+        if let Some(b) = self.experts.get_mut(e) {
+            b.health.consecutive_failures = b.health.consecutive_failures.saturating_add(1);
+            if b.health.consecutive_failures >= FAILURES_TO_OPEN {
+                b.health.open_until = Some(now + open_for);
+            }
+        }
+    }
+
+    /// The index of the expert called `name` (indices change on reload; names do not).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.experts.iter().position(|b| b.profile.name == name)
+    }
+
+    /// [`Ledger::tokens`] by expert name.
+    pub fn tokens_by_name(&mut self, name: &str, key: u64, tokens: u32, at: Instant) -> bool {
+        self.index_of(name)
+            .is_some_and(|e| self.tokens(e, key, tokens, at))
+    }
+
+    /// [`Ledger::finish`] by expert name.
+    pub fn finish_by_name(&mut self, name: &str, key: u64) -> Option<Dispatched> {
+        self.index_of(name).and_then(|e| self.finish(e, key))
+    }
+
+    /// [`Ledger::mark_failed`] by expert name.
+    pub fn mark_failed_by_name(&mut self, name: &str, now: Instant, open_for: Duration) {
+        if let Some(e) = self.index_of(name) {
+            self.mark_failed(e, now, open_for);
+        }
+    }
+
+    /// Requests in flight on every expert.
+    pub fn in_flight(&self) -> usize {
+        self.experts.iter().map(|b| b.in_flight.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qosroute_core::LatencyModel;
+
+    fn profile(name: &str, slots: u32) -> Arc<ExpertProfile> {
+        Arc::new(ExpertProfile {
+            name: name.into(),
+            model: "m".into(),
+            hardware: String::new(),
+            source: String::new(),
+            max_slots: slots,
+            kv_tokens: 10_000,
+            latency: LatencyModel::paper(1e-4, 1e-7, 0.02),
+        })
+    }
+
+    fn dispatched(key: u64, at: Instant) -> Dispatched {
+        Dispatched {
+            key,
+            task: Task::Chat,
+            prompt_tokens: 100,
+            predicted_output_tokens: 50.0,
+            predicted_quality: 0.5,
+            slo_s_per_token: 0.1,
+            arrived_at: at,
+            dispatched_at: at,
+            first_token_at: None,
+            generated_tokens: 0,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_beyond_the_slots_wait_and_progress_is_tracked() {
+        let epoch = Instant::now();
+        let mut ledger = Ledger::new(&[profile("a", 2)]);
+        ledger.mark_ok(0, epoch);
+        for key in 0..3 {
+            ledger.dispatch(0, dispatched(key, epoch));
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let now = Instant::now();
+        assert!(ledger.tokens(0, 1, 3, now));
+        assert!(!ledger.tokens(0, 1, 2, now));
+        let s = ledger.cluster_state(now, Duration::from_secs(5), epoch);
+        let x = &s.experts[0];
+        assert_eq!((x.running.len(), x.waiting.len()), (2, 1));
+        assert_eq!(x.running[1].generated_tokens, 5);
+        assert!((x.running[1].elapsed_s - 0.5).abs() < 1e-9);
+        assert!(x.up);
+        assert_eq!(ledger.finish(0, 0).map(|d| d.key), Some(0));
+        assert_eq!(ledger.in_flight(), 2);
+        assert_eq!(ledger.finish(0, 0), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_stale_or_failing_experts_are_not_up() {
+        let epoch = Instant::now();
+        let mut ledger = Ledger::new(&[profile("a", 2)]);
+        let stale = Duration::from_secs(5);
+        assert!(!ledger.is_up(0, epoch, stale), "never checked");
+        ledger.mark_ok(0, epoch);
+        assert!(ledger.is_up(0, epoch, stale));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(!ledger.is_up(0, Instant::now(), stale), "stale");
+        ledger.mark_ok(0, Instant::now());
+        for _ in 0..FAILURES_TO_OPEN {
+            ledger.mark_failed(0, Instant::now(), Duration::from_secs(2));
+        }
+        assert!(!ledger.is_up(0, Instant::now(), stale), "circuit open");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let now = Instant::now();
+        assert!(ledger.is_up(0, now, stale), "half-open after the pause");
+        assert!(!ledger.is_up(7, now, stale), "no such expert");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reported_load_adds_other_clients_and_silence_means_saturated() {
+        let epoch = Instant::now();
+        let stale = Duration::from_secs(5);
+        let mut ledger = Ledger::new(&[profile("a", 4)]);
+        ledger.experts[0].reports_load = true;
+        ledger.dispatch(0, dispatched(1, epoch));
+        let s = ledger.cluster_state(epoch, stale, epoch);
+        assert_eq!(s.experts[0].running.len(), 4, "no report yet: saturated");
+        ledger.reported_load(
+            0,
+            ReportedLoad {
+                running: 3,
+                waiting: 2,
+                at: epoch,
+            },
+        );
+        let s = ledger.cluster_state(epoch, stale, epoch);
+        assert_eq!(
+            (s.experts[0].running.len(), s.experts[0].waiting.len()),
+            (4, 1)
+        );
+        assert_eq!(s.experts[0].running[0].id, 1, "our own request first");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let s = ledger.cluster_state(Instant::now(), stale, epoch);
+        assert_eq!(
+            s.experts[0].running.len(),
+            4,
+            "stale report: saturated, not idle"
+        );
+        ledger.experts[0].reports_load = false;
+        let s = ledger.cluster_state(Instant::now(), stale, epoch);
+        assert_eq!(
+            s.experts[0].in_flight(),
+            1,
+            "engines without metrics: our own requests only"
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! `qosrouted`, the edge gateway daemon, as a library: configuration, the MQTT link, the
+//! router-side ledger, decisions, request serving, metrics. The binary (`src/main.rs`) only
+//! parses arguments and starts [`daemon::run`].
+
+pub mod admission;
+pub mod config;
+pub mod daemon;
+pub mod ledger;
+pub mod link;
+pub mod logging;
+pub mod metrics;
+pub mod router;
+pub mod serve;
+pub mod topics;

@@ -1,0 +1,277 @@
+//! The MQTT link (rumqttc, MQTT 5): one task polls the event loop and hands incoming
+//! publishes to the dispatcher; everything else publishes through cloned clients.
+//!
+//! The rumqttc traps, designed out:
+//! - the polling task never awaits a publish, subscribe or ack (their request channel is
+//!   drained by the very loop that would be waiting): it only uses `try_subscribe`, retried
+//!   after every event until it goes through; replies and acks are sent from request tasks;
+//! - a failed poll is retried after a capped exponential back-off (`reconnect_min_s`,
+//!   doubling to `reconnect_max_s`), reset by the next CONNACK;
+//! - after a CONNACK without a session (first connect, or the broker lost it) the request and
+//!   feedback filters are subscribed again.
+//!
+//! Requests are QoS 1 with manual acks: a request is acknowledged to the broker only when its
+//! outcome is final (answer or error reply published), so a daemon that dies mid-request gets
+//! it again from its persistent session.
+
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use crate::metrics::Metrics;
+
+/// Capacity of rumqttc's request channel (publishes, acks, subscribes waiting for the loop).
+const REQUEST_CHANNEL: usize = 4096;
+
+/// Why the link cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The broker URL is unusable.
+    #[error("broker.url `{0}`: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")]
+    Url(String),
+    /// A TLS file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The password variable is not set.
+    #[error("environment variable {0} (broker.password_env) is not set")]
+    Password(String),
+}
+
+/// Host, port and whether TLS is used, from `mqtt://` / `mqtts://` URLs.
+pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), LinkError> {
+    let bad = || LinkError::Url(url.to_owned());
+    let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+    let tls = match scheme {
+        "mqtt" => false,
+        "mqtts" => true,
+        _ => return Err(bad()),
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse::<u16>().map_err(|_| bad())?)
+        }
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port, tls))
+}
+
+/// The rumqttc options of a broker configuration.
+pub fn mqtt_options(config: &BrokerConfig) -> Result<MqttOptions, LinkError> {
+    let (host, port, tls) = parse_broker_url(&config.url)?;
+    let mut options = MqttOptions::new(config.client_id.clone(), host, port);
+    options
+        .set_keep_alive(Duration::from_secs(config.keep_alive_s))
+        .set_clean_start(config.session_expiry_s == 0)
+        .set_session_expiry_interval(Some(config.session_expiry_s))
+        .set_manual_acks(true)
+        .set_receive_maximum(Some(u16::MAX))
+        .set_max_packet_size(Some(256 * 1024));
+    if let Some(user) = &config.username {
+        let password = match &config.password_env {
+            Some(var) => std::env::var(var).map_err(|_| LinkError::Password(var.clone()))?,
+            None => String::new(),
+        };
+        options.set_credentials(user.clone(), password);
+    }
+    if tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| LinkError::TlsFile {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let Some(t) = &config.tls else {
+            return Err(LinkError::Url(config.url.clone()));
+        };
+        let client_auth = match (&t.client_cert_file, &t.client_key_file) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: read(&t.ca_file)?,
+            alpn: None,
+            client_auth,
+        }));
+    }
+    Ok(options)
+}
+
+/// A request publish as received, with what is needed to reply to it and acknowledge it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The publish (payload, topic, properties); acknowledged through [`Link::ack`].
+    pub publish: Publish,
+}
+
+impl Incoming {
+    /// The topic as text (lossy).
+    pub fn topic(&self) -> String {
+        String::from_utf8_lossy(&self.publish.topic).into_owned()
+    }
+
+    /// The MQTT 5 properties, if any.
+    pub fn properties(&self) -> Option<&PublishProperties> {
+        self.publish.properties.as_ref()
+    }
+}
+
+/// Publishing side of the link; cheap to clone into request tasks.
+#[derive(Debug, Clone)]
+pub struct Link {
+    client: AsyncClient,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// MQTT 5 correlation data echoed from the request.
+    pub correlation_data: Option<bytes::Bytes>,
+    /// MQTT 5 content type.
+    pub content_type: Option<String>,
+    /// Message expiry, seconds.
+    pub expiry_s: Option<u32>,
+}
+
+impl Link {
+    /// Publishes at QoS 1. Waits while rumqttc's request channel is full (the event loop task
+    /// drains it); fails only when the event loop is gone.
+    pub async fn publish(&self, out: Outgoing) -> Result<(), rumqttc::v5::ClientError> {
+        let properties = PublishProperties {
+            correlation_data: out.correlation_data,
+            content_type: out.content_type,
+            message_expiry_interval: out.expiry_s,
+            ..PublishProperties::default()
+        };
+        self.client
+            .publish_with_properties(out.topic, QoS::AtLeastOnce, false, out.payload, properties)
+            .await
+    }
+
+    /// Acknowledges a request to the broker (its outcome is final).
+    pub async fn ack(&self, incoming: &Incoming) -> Result<(), rumqttc::v5::ClientError> {
+        self.client.ack(&incoming.publish).await
+    }
+
+    /// Sends DISCONNECT (at shutdown).
+    pub async fn disconnect(&self) -> Result<(), rumqttc::v5::ClientError> {
+        self.client.disconnect().await
+    }
+}
+
+/// Creates the link: the publishing side and the event loop to hand to [`run_event_loop`].
+pub fn connect(config: &BrokerConfig) -> Result<(Link, EventLoop), LinkError> {
+    let (client, eventloop) = AsyncClient::new(mqtt_options(config)?, REQUEST_CHANNEL);
+    Ok((Link { client }, eventloop))
+}
+
+/// Polls the event loop until `cancel`: forwards request and feedback publishes to `incoming`,
+/// (re)subscribes `filters` after every session-less CONNACK, backs off between failed polls.
+pub async fn run_event_loop(
+    mut eventloop: EventLoop,
+    link: Link,
+    filters: Vec<String>,
+    incoming: mpsc::Sender<Incoming>,
+    metrics: std::sync::Arc<Metrics>,
+    backoff: (Duration, Duration),
+    cancel: CancellationToken,
+) {
+    let (min, max) = backoff;
+    let mut delay = min;
+    let mut to_subscribe: Vec<String> = Vec::new();
+    loop {
+        let event = tokio::select! {
+            () = cancel.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                metrics
+                    .mqtt_connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                delay = min;
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
+                if !ack.session_present {
+                    to_subscribe.clone_from(&filters);
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                // Waits while the dispatcher is busy: the broker then holds the requests.
+                // The dispatcher never waits on this loop, so this cannot deadlock.
+                if incoming.send(Incoming { publish }).await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, retry_in_s = delay.as_secs_f64(), "broker connection lost");
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(max);
+            }
+        }
+        to_subscribe.retain(|filter| {
+            match link.client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                Ok(()) => {
+                    tracing::info!(filter = %filter, "subscribed");
+                    false
+                }
+                Err(_) => true,
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            parse_broker_url("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884, false)
+        );
+        assert_eq!(
+            parse_broker_url("mqtts://broker.lan").unwrap(),
+            ("broker.lan".into(), 8883, true)
+        );
+        assert_eq!(
+            parse_broker_url("mqtt://[::1]:1883").unwrap(),
+            ("::1".into(), 1883, false)
+        );
+        for bad in [
+            "http://x",
+            "mqtt://",
+            "mqtt://h:port",
+            "x",
+            "mqtt://h:99999",
+        ] {
+            assert!(parse_broker_url(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The daemon's Prometheus metrics: counters and histograms in atomics, rendered as the text
+//! exposition format on `GET /metrics` by a minimal HTTP/1.1 responder.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered in full.
+    Completed,
+    /// The policy found no expert that could serve it well (explicit reply).
+    Rejected,
+    /// Shed: the daemon was at its in-flight bound (explicit reply).
+    Shed,
+    /// The device exceeded its rate (explicit reply).
+    RateLimited,
+    /// The payload could not be decoded or was invalid (error reply where possible).
+    Malformed,
+    /// The expert failed after tokens were delivered, or every retry failed.
+    ExpertFailed,
+    /// The deadline or message expiry had passed.
+    Expired,
+    /// Refused or cut while draining.
+    ShuttingDown,
+}
+
+impl Outcome {
+    /// Every outcome, in exposition order.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Completed,
+        Outcome::Rejected,
+        Outcome::Shed,
+        Outcome::RateLimited,
+        Outcome::Malformed,
+        Outcome::ExpertFailed,
+        Outcome::Expired,
+        Outcome::ShuttingDown,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Rejected => "rejected",
+            Outcome::Shed => "shed",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Malformed => "malformed",
+            Outcome::ExpertFailed => "expert_failed",
+            Outcome::Expired => "expired",
+            Outcome::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// Upper bounds of the decision-latency histogram, seconds.
+pub const DECISION_BUCKETS_S: [f64; 10] = [
+    25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3,
+];
+
+/// A fixed-bucket histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; DECISION_BUCKETS_S.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation in seconds.
+    pub fn observe(&self, seconds: f64) {
+        let i = DECISION_BUCKETS_S
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(DECISION_BUCKETS_S.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add((seconds.max(0.0) * 1e9) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, out: &mut String) {
+        let mut cumulative = 0;
+        for (i, bound) in DECISION_BUCKETS_S.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.counts[DECISION_BUCKETS_S.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Every metric of the daemon.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    /// Time to decide (encode + policy), seconds.
+    pub decision_seconds: Histogram,
+    /// Decisions that fell back to the hand-made policy.
+    pub fallbacks: AtomicU64,
+    /// Requests retried on another expert before any token reached the device.
+    pub retries: AtomicU64,
+    /// Completed requests whose per-token latency missed their SLO.
+    pub slo_violations: AtomicU64,
+    /// Sum of realised QoS (quality when the SLO was met, else 0) over completed requests
+    /// whose expert reported a quality, in millionths.
+    qos_sum_micro: AtomicU64,
+    /// Completed requests whose expert reported a quality.
+    pub qos_count: AtomicU64,
+    /// Connections (re)established to the broker.
+    pub mqtt_connections: AtomicU64,
+    /// Replies that could not be published (the broker link was gone for good).
+    pub replies_dropped: AtomicU64,
+    /// Device feedback messages applied.
+    pub feedback: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a request's outcome.
+    pub fn count(&self, outcome: Outcome) {
+        if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
+            self.outcomes[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests with this outcome so far.
+    pub fn outcomes(&self, outcome: Outcome) -> u64 {
+        Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .map_or(0, |i| self.outcomes[i].load(Ordering::Relaxed))
+    }
+
+    /// Records the realised QoS of a completed request.
+    pub fn qos(&self, qos: f64) {
+        self.qos_sum_micro
+            .fetch_add((qos.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
+        self.qos_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition, with per-expert gauges from `experts`.
+    pub fn render(&self, experts: &[ExpertGauges]) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP qosroute_requests_total Requests by how they ended.\n");
+        out.push_str("# TYPE qosroute_requests_total counter\n");
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "qosroute_requests_total{{outcome=\"{}\"}} {}",
+                o.as_str(),
+                self.outcomes[i].load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP qosroute_decision_seconds Time to decide one request.\n");
+        out.push_str("# TYPE qosroute_decision_seconds histogram\n");
+        self.decision_seconds
+            .render("qosroute_decision_seconds", &mut out);
+        let counters = [
+            (
+                "qosroute_policy_fallbacks_total",
+                "Decisions made by the fallback policy.",
+                &self.fallbacks,
+            ),
+            (
+                "qosroute_retries_total",
+                "Requests retried on another expert before their first token.",
+                &self.retries,
+            ),
+            (
+                "qosroute_slo_violations_total",
+                "Completed requests that missed their SLO.",
+                &self.slo_violations,
+            ),
+            (
+                "qosroute_qos_count",
+                "Completed requests with a reported quality.",
+                &self.qos_count,
+            ),
+            (
+                "qosroute_mqtt_connections_total",
+                "Broker connections established (1 + reconnects).",
+                &self.mqtt_connections,
+            ),
+            (
+                "qosroute_replies_dropped_total",
+                "Replies that could not be published.",
+                &self.replies_dropped,
+            ),
+            (
+                "qosroute_feedback_total",
+                "Device feedback messages applied.",
+                &self.feedback,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP qosroute_qos_sum Sum of realised QoS of completed requests.\n# TYPE qosroute_qos_sum counter\nqosroute_qos_sum {}",
+            self.qos_sum_micro.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        type Gauge = fn(&ExpertGauges) -> f64;
+        let gauges: [(&str, &str, Gauge); 6] = [
+            (
+                "qosroute_expert_in_flight",
+                "Requests in flight per expert.",
+                |g| g.in_flight as f64,
+            ),
+            (
+                "qosroute_expert_up",
+                "Whether the expert takes traffic (checked, not stale, circuit closed).",
+                |g| f64::from(u8::from(g.up)),
+            ),
+            (
+                "qosroute_expert_prefill_tokens_per_second",
+                "Latency model in use (refitted online): prefill speed.",
+                |g| g.latency.prefill_tok_s,
+            ),
+            (
+                "qosroute_expert_decode_t0_seconds",
+                "Latency model in use: decode step of one sequence.",
+                |g| g.latency.decode_t0_s,
+            ),
+            (
+                "qosroute_expert_decode_d_seconds_per_sequence",
+                "Latency model in use: step time per extra sequence.",
+                |g| g.latency.decode_d_s_per_seq,
+            ),
+            (
+                "qosroute_expert_decode_e_seconds_per_context_token",
+                "Latency model in use: step time per context token.",
+                |g| g.latency.decode_e_s_per_ctx_token,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for g in experts {
+                let _ = writeln!(out, "{name}{{expert=\"{}\"}} {}", escape(&g.name), value(g));
+            }
+        }
+        out
+    }
+}
+
+/// What `/metrics` shows of one expert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertGauges {
+    /// Name.
+    pub name: String,
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// Takes traffic.
+    pub up: bool,
+    /// The latency model in use (refitted online).
+    pub latency: qosroute_core::LatencyModel,
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        for s in [10e-6, 60e-6, 60e-6, 1.0] {
+            h.observe(s);
+        }
+        let mut out = String::new();
+        h.render("x", &mut out);
+        assert!(out.contains("x_bucket{le=\"0.000025\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.0001\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_count 4\n"));
+    }
+
+    #[test]
+    fn exposition_names_every_outcome_and_expert() {
+        let m = Metrics::default();
+        m.count(Outcome::Shed);
+        m.count(Outcome::Shed);
+        m.qos(0.5);
+        let text = m.render(&[ExpertGauges {
+            name: "a\"b".into(),
+            in_flight: 3,
+            up: true,
+            latency: qosroute_core::LatencyModel::paper(1e-4, 1e-7, 0.02),
+        }]);
+        assert!(text.contains("qosroute_requests_total{outcome=\"shed\"} 2\n"));
+        assert!(text.contains("qosroute_requests_total{outcome=\"completed\"} 0\n"));
+        assert!(text.contains("qosroute_expert_in_flight{expert=\"a\\\"b\"} 3\n"));
+        assert!(text.contains("qosroute_qos_sum 0.5\n"));
+        assert!(
+            text.contains("qosroute_expert_decode_t0_seconds{expert=\"a\\\"b\"} 0.02\n"),
+            "{text}"
+        );
+        assert_eq!(m.outcomes(Outcome::Shed), 2);
+    }
+}

@@ -1,0 +1,341 @@
+//! Where a request is decided: the policy (the learned router, or its hand-made fallback)
+//! over the ledger's cluster state and the online predictions, plus what is learned back
+//! from every completed request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qosroute_core::{
+    ArrivingRequest, Decision, ExpertOutputLengths, ExpertProfile, InvalidQualityPrior,
+    LatencyCalibrator, OnnxPolicy, Policy, Prediction, QualityBook, Request, Task, UnknownPolicy,
+};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::ledger::{Dispatched, Ledger};
+
+/// Consecutive decisions over the time budget that switch the model off.
+const SLOW_DECISIONS_TO_DISABLE: u32 = 3;
+/// How long the model stays off after it was too slow.
+const SLOW_MODEL_PAUSE: Duration = Duration::from_secs(60);
+/// Quality prior of a task the config gives no number for.
+pub const DEFAULT_QUALITY_PRIOR: f64 = 0.5;
+
+/// Why a router cannot be built from a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// `policy.fallback` names no hand-made policy.
+    #[error("policy.fallback: {0}")]
+    Fallback(#[from] UnknownPolicy),
+    /// A quality prior is out of range.
+    #[error(transparent)]
+    QualityPrior(#[from] InvalidQualityPrior),
+}
+
+/// What the router decided for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// The decision.
+    pub decision: Decision,
+    /// The predictions it was made with (per expert).
+    pub predictions: Vec<Prediction>,
+    /// Time spent deciding.
+    pub took: Duration,
+    /// Whether the fallback policy decided.
+    pub fell_back: bool,
+}
+
+/// The decision maker and its online knowledge.
+pub struct Router {
+    model: Option<OnnxPolicy>,
+    fallback: Box<dyn Policy + Send>,
+    max_decision: Duration,
+    slow_in_a_row: u32,
+    model_paused_until: Option<Instant>,
+    /// In-flight bookkeeping.
+    pub ledger: Ledger,
+    /// Output length per (expert, task), learned from completions (the same shrinkage as the
+    /// simulator's predictor the policy was trained with).
+    lengths: ExpertOutputLengths,
+    /// Quality per (expert, task): config priors moved by device feedback.
+    quality: QualityBook,
+    /// Online refit of each expert's latency model (policy order), from observed prefill and
+    /// decode times; the refitted model replaces the profile's in the ledger.
+    calibrators: Vec<Option<LatencyCalibrator>>,
+    epoch: Instant,
+    stale_after: Duration,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("model", &self.model.as_ref().map(|m| m.name().to_owned()))
+            .field("fallback", &self.fallback.name())
+            .field("in_flight", &self.ledger.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The quality priors of an expert, per task, from its config.
+pub fn quality_priors(quality: &std::collections::BTreeMap<String, f64>) -> [f64; Task::COUNT] {
+    let default = quality
+        .get("default")
+        .copied()
+        .unwrap_or(DEFAULT_QUALITY_PRIOR);
+    let mut out = [default; Task::COUNT];
+    for t in Task::ALL {
+        if let Some(q) = quality.get(t.as_str()) {
+            out[t.index()] = *q;
+        }
+    }
+    out
+}
+
+impl Router {
+    /// A router for `config`, with `model` as the learned policy if it loaded.
+    pub fn new(
+        config: &Config,
+        model: Option<OnnxPolicy>,
+        epoch: Instant,
+    ) -> Result<Self, RouterError> {
+        let profiles = config.profiles();
+        let mut ledger = Ledger::new(&profiles);
+        for (book, e) in ledger.experts.iter_mut().zip(&config.experts) {
+            book.reports_load = Config::reports_load(e);
+        }
+        Ok(Self {
+            model,
+            fallback: qosroute_core::baseline(&config.policy.fallback, 0)?,
+            max_decision: Duration::from_secs_f64(config.policy.max_decision_ms / 1e3),
+            slow_in_a_row: 0,
+            model_paused_until: None,
+            ledger,
+            lengths: ExpertOutputLengths::new(config.experts.iter().map(|e| e.name.clone())),
+            quality: QualityBook::new(
+                config
+                    .experts
+                    .iter()
+                    .map(|e| (e.name.clone(), quality_priors(&e.quality))),
+            )?,
+            calibrators: profiles
+                .iter()
+                .map(|p| LatencyCalibrator::new(p).ok())
+                .collect(),
+            epoch,
+            stale_after: Duration::from_secs_f64(config.telemetry.stale_after_s),
+        })
+    }
+
+    /// Applies a reloaded configuration: experts are matched by name (in-flight requests and
+    /// what was learned about a kept expert carry over; a removed expert's requests finish
+    /// untracked); `model` replaces the learned policy when `replace_model`.
+    pub fn reconfigure(
+        &mut self,
+        config: &Config,
+        model: Option<OnnxPolicy>,
+        replace_model: bool,
+    ) -> Result<(), RouterError> {
+        let fallback = qosroute_core::baseline(&config.policy.fallback, 0)?;
+        self.quality.reconfigure(
+            config
+                .experts
+                .iter()
+                .map(|e| (e.name.clone(), quality_priors(&e.quality))),
+        )?;
+        let names: Vec<&str> = config.experts.iter().map(|e| e.name.as_str()).collect();
+        self.lengths.reconfigure(&names);
+        let profiles = config.profiles();
+        let mut ledger = Ledger::new(&profiles);
+        // A kept expert keeps its calibration unless its configured latency model changed.
+        let mut calibrators: Vec<Option<LatencyCalibrator>> = Vec::with_capacity(profiles.len());
+        for p in &profiles {
+            let kept = self.ledger.index_of(&p.name).and_then(|old| {
+                (self.ledger.experts[old].configured_latency == p.latency)
+                    .then(|| self.calibrators.get_mut(old).and_then(Option::take))
+                    .flatten()
+            });
+            calibrators.push(kept.or_else(|| LatencyCalibrator::new(p).ok()));
+        }
+        for ((new, p), e) in profiles.iter().enumerate().zip(&config.experts) {
+            ledger.experts[new].reports_load = Config::reports_load(e);
+            if let Some(old) = self.ledger.index_of(&p.name) {
+                ledger.experts[new].in_flight =
+                    std::mem::take(&mut self.ledger.experts[old].in_flight);
+                ledger.experts[new].health = self.ledger.experts[old].health.clone();
+                ledger.experts[new].reported = self.ledger.experts[old].reported;
+            }
+        }
+        self.ledger = ledger;
+        self.calibrators = calibrators;
+        for e in 0..self.ledger.experts.len() {
+            self.apply_calibration(e);
+        }
+        self.fallback = fallback;
+        self.max_decision = Duration::from_secs_f64(config.policy.max_decision_ms / 1e3);
+        self.stale_after = Duration::from_secs_f64(config.telemetry.stale_after_s);
+        if replace_model {
+            self.model = model;
+            self.model_paused_until = None;
+            self.slow_in_a_row = 0;
+        }
+        Ok(())
+    }
+
+    /// Name of the policy that decides now.
+    pub fn policy_name(&self) -> &str {
+        self.model
+            .as_ref()
+            .map_or(self.fallback.name(), |m| m.name())
+    }
+
+    /// Profiles in policy order.
+    pub fn profiles(&self) -> Vec<Arc<ExpertProfile>> {
+        self.ledger
+            .experts
+            .iter()
+            .map(|b| b.profile.clone())
+            .collect()
+    }
+
+    /// Predicted output tokens of a `task` request on expert `e`: its own running mean, shrunk
+    /// toward the mean of every expert on the task.
+    pub fn predicted_output_tokens(&self, e: usize, task: Task) -> f64 {
+        self.lengths.predict(e, task)
+    }
+
+    /// Predicted answer quality of expert `e` on `task`: the config prior, moved by feedback.
+    pub fn predicted_quality(&self, e: usize, task: Task) -> f64 {
+        self.quality.predict(e, task)
+    }
+
+    /// Decides where a request goes at `now`; experts in `exclude` (already failed for this
+    /// request) are not eligible.
+    pub fn decide(&mut self, request: &Request, exclude: &[usize], now: Instant) -> Routing {
+        let predictions: Vec<Prediction> = (0..self.ledger.experts.len())
+            .map(|e| Prediction {
+                output_tokens: self.predicted_output_tokens(e, request.task),
+                quality: self.predicted_quality(e, request.task),
+            })
+            .collect();
+        let mut state = self.ledger.cluster_state(now, self.stale_after, self.epoch);
+        for &e in exclude {
+            if let Some(x) = state.experts.get_mut(e) {
+                x.up = false;
+            }
+        }
+        let arriving = ArrivingRequest {
+            request: Request {
+                arrival_s: state.now_s,
+                ..*request
+            },
+            predictions,
+        };
+        let model_on = self.model.is_some() && self.model_paused_until.is_none_or(|t| now >= t);
+        let started = std::time::Instant::now();
+        let (decision, fell_back) = match self.model.as_mut() {
+            Some(model) if model_on => {
+                let before = model.fallbacks();
+                let d = model.decide(&state, &arriving);
+                (d, model.fallbacks() > before)
+            }
+            _ => (self.fallback.decide(&state, &arriving), true),
+        };
+        let took = started.elapsed();
+        if model_on {
+            if took > self.max_decision {
+                self.slow_in_a_row += 1;
+                if self.slow_in_a_row >= SLOW_DECISIONS_TO_DISABLE {
+                    tracing::warn!(
+                        took_us = took.as_micros() as u64,
+                        "learned router too slow; using the fallback for a while"
+                    );
+                    self.model_paused_until = Some(now + SLOW_MODEL_PAUSE);
+                    self.slow_in_a_row = 0;
+                }
+            } else {
+                self.slow_in_a_row = 0;
+            }
+        }
+        // A policy may only route to an eligible expert; anything else is a rejection.
+        let decision = match decision {
+            Decision::Route(e) if state.is_eligible(e, request.prompt_tokens) => Decision::Route(e),
+            _ => Decision::Reject,
+        };
+        Routing {
+            decision,
+            predictions: arriving.predictions,
+            took,
+            fell_back,
+        }
+    }
+
+    /// Records that request `d` went to expert `e`.
+    pub fn dispatch(&mut self, e: usize, d: Dispatched) {
+        self.ledger.dispatch(e, d);
+    }
+
+    /// Learns a prefill time: from dispatch to first token of a request that did not queue.
+    pub fn observe_prefill(&mut self, e: usize, prompt_tokens: u32, seconds: f64) {
+        let accepted = self
+            .calibrators
+            .get_mut(e)
+            .and_then(Option::as_mut)
+            .is_some_and(|c| c.observe_prefill(f64::from(prompt_tokens), seconds).is_ok());
+        if accepted {
+            self.apply_calibration(e);
+        }
+    }
+
+    /// Learns a decode step time (a request's mean time between tokens) with the batch and
+    /// context the ledger sees on expert `e` now.
+    pub fn observe_decode_step(&mut self, e: usize, seconds: f64) {
+        let Some(book) = self.ledger.experts.get(e) else {
+            return;
+        };
+        let slots = book.profile.max_slots as usize;
+        let running = &book.in_flight[..book.in_flight.len().min(slots)];
+        let batch = running.len().max(1) as f64;
+        let context: f64 = running
+            .iter()
+            .map(|d| f64::from(d.prompt_tokens) + f64::from(d.generated_tokens))
+            .sum();
+        let accepted = self
+            .calibrators
+            .get_mut(e)
+            .and_then(Option::as_mut)
+            .is_some_and(|c| c.observe_decode_step(batch, context, seconds).is_ok());
+        if accepted {
+            self.apply_calibration(e);
+        }
+    }
+
+    /// The latency model the policy uses for expert `e` now.
+    pub fn latency_model(&self, e: usize) -> Option<qosroute_core::LatencyModel> {
+        self.ledger.experts.get(e).map(|b| b.profile.latency)
+    }
+
+    fn apply_calibration(&mut self, e: usize) {
+        let (Some(Some(c)), Some(book)) = (self.calibrators.get(e), self.ledger.experts.get_mut(e))
+        else {
+            return;
+        };
+        let latency = c.model();
+        if latency != book.profile.latency {
+            book.profile = Arc::new(ExpertProfile {
+                latency,
+                ..(*book.profile).clone()
+            });
+        }
+    }
+
+    /// Learns from a completed request on expert `e`.
+    pub fn learn_completion(&mut self, e: usize, task: Task, output_tokens: u32) {
+        self.lengths.observe(e, task, output_tokens);
+    }
+
+    /// Learns a quality score (device feedback) of expert `e`; scores outside 0..=1 are
+    /// ignored.
+    pub fn learn_quality(&mut self, e: usize, task: Task, quality: f64) {
+        self.quality.observe(e, task, quality);
+    }
+}

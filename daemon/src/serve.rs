@@ -1,0 +1,467 @@
+//! One request's life: admission, decision, dispatch to the expert, streaming the answer back
+//! over MQTT, learning from the outcome. Every path ends with exactly one final message to the
+//! device (the answer's `Final`, or an `Error` with a stable code) and then the broker ack.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qosroute_core::{Decision, Request as CoreRequest, Task};
+use qosroute_expert_client::{ChatRequest, ExpertError, StreamEvent};
+use qosroute_proto::{self as proto, Encoding, ErrorCode};
+use tokio::time::Instant;
+
+use crate::daemon::Shared;
+use crate::ledger::Dispatched;
+use crate::link::{Incoming, Outgoing};
+use crate::metrics::Outcome;
+
+/// Where and how replies to one request go.
+#[derive(Debug, Clone)]
+pub struct ReplyRoute {
+    /// Topic.
+    pub topic: String,
+    /// MQTT 5 correlation data to echo.
+    pub correlation_data: Option<bytes::Bytes>,
+    /// Encoding of the request, used for its replies.
+    pub encoding: Encoding,
+}
+
+/// Tokens collected before a chunk is published (streaming), at most.
+const CHUNK_TOKENS: usize = 16;
+/// A chunk is published at least this often while tokens arrive (streaming).
+const CHUNK_INTERVAL: Duration = Duration::from_millis(50);
+/// Experts tried for one request before the device gets an error.
+const MAX_ATTEMPTS: usize = 3;
+/// How long an expert's circuit stays open after repeated failures.
+const CIRCUIT_OPEN: Duration = Duration::from_secs(5);
+
+/// Estimated prompt tokens of a text (about four bytes per token for English, at least 1).
+pub fn estimate_prompt_tokens(prompt: &str) -> u32 {
+    u32::try_from(prompt.len().div_ceil(4))
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
+/// Encodes and publishes one reply; counts it as dropped if the link is gone.
+pub async fn send(shared: &Shared, route: &ReplyRoute, reply: &proto::Reply) {
+    let mut buf = vec![0u8; proto::MAX_FRAME_BYTES];
+    let payload = match proto::encode_reply(reply, route.encoding, &mut buf) {
+        Ok(n) => buf[..n].to_vec(),
+        Err(error) => {
+            tracing::error!(%error, "reply does not encode");
+            return;
+        }
+    };
+    let out = Outgoing {
+        topic: route.topic.clone(),
+        payload,
+        correlation_data: route.correlation_data.clone(),
+        content_type: Some(route.encoding.content_type().to_owned()),
+        expiry_s: None,
+    };
+    if shared.link.publish(out).await.is_err() {
+        shared
+            .metrics
+            .replies_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Publishes an error reply for request `id`.
+pub async fn send_error(
+    shared: &Shared,
+    route: &ReplyRoute,
+    id: &str,
+    code: ErrorCode,
+    message: &str,
+) {
+    match proto::ErrorReply::new(id, code, message) {
+        Ok(e) => send(shared, route, &proto::Reply::Error(e)).await,
+        Err(error) => tracing::error!(?error, "error reply does not fit the wire format"),
+    }
+}
+
+/// Serves one decoded request to its end and acknowledges it to the broker.
+pub async fn serve_request(
+    shared: Arc<Shared>,
+    incoming: Incoming,
+    request: proto::Request,
+    route: ReplyRoute,
+    arrived_at: Instant,
+    device: String,
+) {
+    let outcome = serve(&shared, &request, &route, arrived_at, &device).await;
+    shared.metrics.count(outcome);
+    if shared.link.ack(&incoming).await.is_err() {
+        tracing::debug!("ack not sent: the broker link is gone (the broker will redeliver)");
+    }
+}
+
+async fn serve(
+    shared: &Shared,
+    request: &proto::Request,
+    route: &ReplyRoute,
+    arrived_at: Instant,
+    device: &str,
+) -> Outcome {
+    let id = request.id.as_str();
+    let task: Task = request.task.as_str().parse().unwrap_or(Task::Chat);
+    let config = shared.config();
+    let slo = request
+        .slo_s_per_token
+        .map(f64::from)
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or_else(|| config.slo.slo_s_per_token(task));
+    let prompt_tokens = estimate_prompt_tokens(&request.prompt);
+    let core_request = CoreRequest {
+        id: shared.next_key(),
+        arrival_s: 0.0,
+        task,
+        prompt_tokens,
+        slo_s_per_token: slo,
+    };
+    let mut failed: Vec<String> = Vec::new();
+    for attempt in 0..MAX_ATTEMPTS {
+        if shared.cut.is_cancelled() {
+            send_error(
+                shared,
+                route,
+                id,
+                ErrorCode::ShuttingDown,
+                "the gateway is shutting down",
+            )
+            .await;
+            return Outcome::ShuttingDown;
+        }
+        let now = Instant::now();
+        let (routing, expert, client) = {
+            let mut router = shared.router.lock().await;
+            let exclude: Vec<usize> = failed
+                .iter()
+                .filter_map(|name| router.ledger.index_of(name))
+                .collect();
+            let routing = router.decide(&core_request, &exclude, now);
+            shared
+                .metrics
+                .decision_seconds
+                .observe(routing.took.as_secs_f64());
+            if routing.fell_back {
+                shared
+                    .metrics
+                    .fallbacks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let Decision::Route(e) = routing.decision else {
+                drop(router);
+                let (code, message) = if attempt == 0 {
+                    (
+                        ErrorCode::NoExpert,
+                        "no expert can serve this request within its latency target now",
+                    )
+                } else {
+                    (
+                        ErrorCode::ExpertFailed,
+                        "every expert tried failed before answering",
+                    )
+                };
+                send_error(shared, route, id, code, message).await;
+                return if attempt == 0 {
+                    Outcome::Rejected
+                } else {
+                    Outcome::ExpertFailed
+                };
+            };
+            let name = router.ledger.experts[e].profile.name.clone();
+            let prediction = routing.predictions.get(e).copied();
+            router.dispatch(
+                e,
+                Dispatched {
+                    key: core_request.id,
+                    task,
+                    prompt_tokens,
+                    predicted_output_tokens: prediction.map_or(1.0, |p| p.output_tokens),
+                    predicted_quality: prediction.map_or(0.0, |p| p.quality),
+                    slo_s_per_token: slo,
+                    arrived_at,
+                    dispatched_at: now,
+                    first_token_at: None,
+                    generated_tokens: 0,
+                },
+            );
+            let client = shared.client(&name);
+            (routing, name, client)
+        };
+        let _ = routing;
+        let Some(client) = client else {
+            shared
+                .router
+                .lock()
+                .await
+                .ledger
+                .finish_by_name(&expert, core_request.id);
+            failed.push(expert);
+            continue;
+        };
+        match stream_answer(
+            shared,
+            request,
+            route,
+            &client,
+            &expert,
+            core_request.id,
+            task,
+            slo,
+            arrived_at,
+        )
+        .await
+        {
+            Ok(outcome) => {
+                shared.answered(device, id, &expert, task);
+                return outcome;
+            }
+            Err(Failure::BeforeFirstToken(error)) => {
+                tracing::warn!(expert = %expert, %error, attempt, "expert failed before the first token; retrying elsewhere");
+                shared
+                    .metrics
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut router = shared.router.lock().await;
+                router.ledger.finish_by_name(&expert, core_request.id);
+                router
+                    .ledger
+                    .mark_failed_by_name(&expert, Instant::now(), CIRCUIT_OPEN);
+                failed.push(expert);
+            }
+            Err(Failure::AfterTokens(error)) => {
+                tracing::warn!(expert = %expert, %error, "expert failed mid-answer");
+                {
+                    let mut router = shared.router.lock().await;
+                    router.ledger.finish_by_name(&expert, core_request.id);
+                    router
+                        .ledger
+                        .mark_failed_by_name(&expert, Instant::now(), CIRCUIT_OPEN);
+                }
+                send_error(
+                    shared,
+                    route,
+                    id,
+                    ErrorCode::ExpertFailed,
+                    "the expert failed while answering",
+                )
+                .await;
+                return Outcome::ExpertFailed;
+            }
+            Err(Failure::Cut) => {
+                shared
+                    .router
+                    .lock()
+                    .await
+                    .ledger
+                    .finish_by_name(&expert, core_request.id);
+                send_error(
+                    shared,
+                    route,
+                    id,
+                    ErrorCode::ShuttingDown,
+                    "the gateway shut down before the answer was complete",
+                )
+                .await;
+                return Outcome::ShuttingDown;
+            }
+        }
+    }
+    send_error(
+        shared,
+        route,
+        id,
+        ErrorCode::ExpertFailed,
+        "every expert tried failed before answering",
+    )
+    .await;
+    Outcome::ExpertFailed
+}
+
+enum Failure {
+    BeforeFirstToken(ExpertError),
+    AfterTokens(ExpertError),
+    Cut,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_answer(
+    shared: &Shared,
+    request: &proto::Request,
+    route: &ReplyRoute,
+    client: &qosroute_expert_client::ExpertClient,
+    expert: &str,
+    key: u64,
+    task: Task,
+    slo: f64,
+    arrived_at: Instant,
+) -> Result<Outcome, Failure> {
+    let id = request.id.as_str();
+    let chat = ChatRequest::from_prompt(request.prompt.as_str(), request.max_tokens);
+    let dispatched_at = Instant::now();
+    let mut stream = match client.chat(chat).await {
+        Ok(s) => s,
+        Err(e) => return Err(Failure::BeforeFirstToken(e)),
+    };
+    let mut seq = 0u32;
+    let mut pending = String::new();
+    let mut pending_tokens = 0usize;
+    let mut last_flush = Instant::now();
+    let mut tokens = 0u32;
+    let mut first_token_at: Option<Instant> = None;
+    loop {
+        let event = tokio::select! {
+            () = shared.cut.cancelled() => return Err(Failure::Cut),
+            event = stream.next() => event,
+        };
+        match event {
+            Some(Ok(StreamEvent::Token { text, at })) => {
+                tokens += 1;
+                let mut router = shared.router.lock().await;
+                router.ledger.tokens_by_name(expert, key, 1, at);
+                if first_token_at.is_none() {
+                    first_token_at = Some(at);
+                    // A request that held a slot (did not queue) measures the prefill time.
+                    if let Some(e) = router.ledger.index_of(expert) {
+                        let book = &router.ledger.experts[e];
+                        let had_a_slot = book
+                            .in_flight
+                            .iter()
+                            .position(|d| d.key == key)
+                            .is_some_and(|p| p < book.profile.max_slots as usize);
+                        if had_a_slot {
+                            let ttft = at.saturating_duration_since(dispatched_at).as_secs_f64();
+                            router.observe_prefill(
+                                e,
+                                estimate_prompt_tokens(&request.prompt),
+                                ttft,
+                            );
+                        }
+                    }
+                }
+                drop(router);
+                pending.push_str(&text);
+                pending_tokens += 1;
+                if request.stream
+                    && (pending_tokens >= CHUNK_TOKENS || last_flush.elapsed() >= CHUNK_INTERVAL)
+                {
+                    flush(shared, route, id, expert, &mut seq, &mut pending, false).await;
+                    pending_tokens = 0;
+                    last_flush = Instant::now();
+                }
+            }
+            Some(Ok(StreamEvent::Done {
+                usage, extension, ..
+            })) => {
+                flush(shared, route, id, expert, &mut seq, &mut pending, true).await;
+                let now = Instant::now();
+                let output_tokens = usage.map_or(tokens, |u| u.completion_tokens.max(tokens));
+                let total_s = now.saturating_duration_since(arrived_at).as_secs_f64();
+                let s_per_token = total_s / f64::from(output_tokens.max(1));
+                let slo_met = s_per_token <= slo;
+                let quality = extension
+                    .as_ref()
+                    .and_then(|x| x.get("quality"))
+                    .and_then(serde_json::Value::as_f64);
+                {
+                    let mut router = shared.router.lock().await;
+                    if let Some(e) = router.ledger.index_of(expert) {
+                        // The request's mean time between tokens is one decode-step
+                        // observation, with the batch the ledger sees now.
+                        if let Some(first) = first_token_at
+                            && tokens >= 3
+                        {
+                            let step = now.saturating_duration_since(first).as_secs_f64()
+                                / f64::from(tokens - 1);
+                            router.observe_decode_step(e, step);
+                        }
+                        router.learn_completion(e, task, output_tokens);
+                    }
+                    router.ledger.finish_by_name(expert, key);
+                }
+                if !slo_met {
+                    shared
+                        .metrics
+                        .slo_violations
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                if let Some(q) = quality {
+                    shared.metrics.qos(if slo_met { q } else { 0.0 });
+                }
+                let ttft = first_token_at.map_or(0.0, |t| {
+                    t.saturating_duration_since(dispatched_at).as_secs_f64()
+                });
+                let fin = proto::FinalReply::new(
+                    id,
+                    expert,
+                    output_tokens,
+                    ms(ttft),
+                    ms(total_s),
+                    s_per_token as f32,
+                    slo_met,
+                );
+                match fin {
+                    Ok(f) => send(shared, route, &proto::Reply::Final(f)).await,
+                    Err(error) => {
+                        tracing::error!(?error, "final reply does not fit the wire format")
+                    }
+                }
+                return Ok(Outcome::Completed);
+            }
+            Some(Err(e)) => {
+                return Err(if tokens == 0 {
+                    Failure::BeforeFirstToken(e)
+                } else {
+                    Failure::AfterTokens(e)
+                });
+            }
+            None => {
+                let e = ExpertError::Closed {
+                    tokens_delivered: tokens,
+                };
+                return Err(if tokens == 0 {
+                    Failure::BeforeFirstToken(e)
+                } else {
+                    Failure::AfterTokens(e)
+                });
+            }
+        }
+    }
+}
+
+fn ms(seconds: f64) -> u32 {
+    (seconds * 1e3).round().clamp(0.0, f64::from(u32::MAX)) as u32
+}
+
+/// Publishes the collected text as one or more chunks (bounded size each); `done` marks the
+/// last one.
+async fn flush(
+    shared: &Shared,
+    route: &ReplyRoute,
+    id: &str,
+    expert: &str,
+    seq: &mut u32,
+    pending: &mut String,
+    done: bool,
+) {
+    let text = std::mem::take(pending);
+    let pieces = proto::split_text(&text, proto::MAX_CHUNK_BYTES);
+    let count = pieces.len();
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let last = done && i + 1 == count;
+        match proto::ReplyChunk::new(id, *seq, piece, last, expert) {
+            Ok(c) => send(shared, route, &proto::Reply::Chunk(c)).await,
+            Err(error) => tracing::error!(?error, "chunk does not fit the wire format"),
+        }
+        *seq += 1;
+    }
+    if done && count == 0 {
+        if let Ok(c) = proto::ReplyChunk::new(id, *seq, "", true, expert) {
+            send(shared, route, &proto::Reply::Chunk(c)).await;
+        }
+        *seq += 1;
+    }
+}

@@ -1,0 +1,567 @@
+//! End to end: the real `qosrouted` binary, a real mosquitto broker, emulated experts over real
+//! HTTP, and MQTT devices (MQTT 5 and 3.1.1).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qosroute_core::{ExpertProfile, LatencyModel};
+use qosroute_emulator::{EmulatedExpert, EmulatorOptions, Faults};
+use qosroute_proto::{self as proto, Encoding, ErrorCode, Reply, Task};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use support::{Broker, Daemon, Device};
+
+const SITE: &str = "test";
+
+fn profile(name: &str) -> Arc<ExpertProfile> {
+    Arc::new(ExpertProfile {
+        name: name.into(),
+        model: "qwen25_7b".into(),
+        hardware: String::new(),
+        source: String::new(),
+        max_slots: 8,
+        kv_tokens: 100_000,
+        latency: LatencyModel {
+            prefill_tok_s: 20_000.0,
+            decode_t0_s: 0.005,
+            decode_d_s_per_seq: 0.0002,
+            decode_e_s_per_ctx_token: 1e-8,
+        },
+    })
+}
+
+async fn expert(name: &str, faults: Faults) -> EmulatedExpert {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut options = EmulatorOptions::for_profile(&profile(name));
+    options.faults = faults;
+    EmulatedExpert::serve(profile(name), options, listener).unwrap()
+}
+
+fn expert_section(e: &EmulatedExpert, name: &str) -> String {
+    format!(
+        r#"
+[[expert]]
+name = "{name}"
+base_url = "{url}"
+model = "qwen25_7b"
+kind = "vllm"
+max_slots = 8
+kv_tokens = 100000
+[expert.latency]
+prefill_tok_s = 20000.0
+decode_t0_s = 0.005
+decode_d_s_per_seq = 0.0002
+decode_e_s_per_ctx_token = 1e-8
+[expert.quality]
+default = 0.6
+"#,
+        url = e.base_url()
+    )
+}
+
+fn config(broker: &Broker, experts: &[(&EmulatedExpert, &str)], extra: &str) -> String {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../policy-model/models/han");
+    let mut c = format!(
+        r#"
+site = "{SITE}"
+[broker]
+url = "{url}"
+client_id = "qosrouted-test-{port}"
+reconnect_min_s = 0.1
+reconnect_max_s = 1.0
+[policy]
+model_dir = "{model}"
+[slo]
+default_s_per_token = 0.5
+[metrics]
+listen = "127.0.0.1:{{metrics_port}}"
+[telemetry]
+scrape_interval_s = 0.2
+stale_after_s = 2.0
+[shutdown]
+drain_deadline_s = 3.0
+{extra}
+"#,
+        url = broker.url(),
+        port = broker.port
+    );
+    for (e, name) in experts {
+        c.push_str(&expert_section(e, name));
+    }
+    c
+}
+
+/// Waits until the daemon reports every named expert up (health checked).
+async fn until_up(daemon: &Daemon, names: &[&str]) {
+    for _ in 0..200 {
+        if names
+            .iter()
+            .all(|n| daemon.metric(&format!("qosroute_expert_up{{expert=\"{n}\"}}")) == Some(1.0))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("experts not up; daemon log:\n{}", daemon.log_text());
+}
+
+fn request(id: &str, stream: bool) -> proto::Request {
+    proto::Request::new(
+        id,
+        Task::Mmlu,
+        "What is the capital of France? Answer briefly.",
+    )
+    .unwrap()
+    .with_max_tokens(12)
+    .with_stream(stream)
+}
+
+fn encode(r: &proto::Request, e: Encoding) -> Vec<u8> {
+    let mut buf = vec![0u8; proto::MAX_FRAME_BYTES];
+    let n = proto::encode_request(r, e, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// Collects replies of request `id` until its `Final` or `Error`.
+async fn replies(
+    device: &mut Device,
+    id: &str,
+    encoding: Encoding,
+) -> Vec<(Reply, Option<PublishProperties>)> {
+    let mut out = Vec::new();
+    loop {
+        let p = device
+            .next(Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|| panic!("no final reply for {id}; got {out:?}"));
+        let reply = proto::decode_reply(&p.payload, encoding).unwrap();
+        if reply.id().as_str() != id {
+            continue;
+        }
+        let end = matches!(reply, Reply::Final(_) | Reply::Error(_));
+        out.push((reply, p.properties));
+        if end {
+            return out;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_request_streams_chunks_then_one_final_on_its_response_topic() {
+    let broker = Broker::start();
+    let (a, b) = (
+        expert("a", Faults::default()).await,
+        expert("b", Faults::default()).await,
+    );
+    let daemon = Daemon::start(&config(&broker, &[(&a, "a"), (&b, "b")], ""));
+    until_up(&daemon, &["a", "b"]).await;
+    let mut device = Device::connect(broker.port, "dev-json", &["answers/dev-json"]).await;
+    let props = PublishProperties {
+        response_topic: Some("answers/dev-json".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"corr-42")),
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    device
+        .publish(
+            &format!("qosroute/v1/{SITE}/req/dev-json"),
+            encode(&request("r1", true), Encoding::Json),
+            props,
+        )
+        .await;
+    let got = replies(&mut device, "r1", Encoding::Json).await;
+    let chunks: Vec<&proto::ReplyChunk> = got
+        .iter()
+        .filter_map(|(r, _)| match r {
+            Reply::Chunk(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    assert!(!chunks.is_empty(), "{got:?}");
+    assert!(
+        chunks.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+        "chunks in order"
+    );
+    assert!(chunks.last().unwrap().done);
+    let text: String = chunks.iter().map(|c| c.text.as_str()).collect();
+    assert!(!text.trim().is_empty());
+    let Reply::Final(fin) = &got.last().unwrap().0 else {
+        panic!("ended with {:?}", got.last())
+    };
+    assert_eq!(fin.output_tokens, 12);
+    assert!(["a", "b"].contains(&fin.expert.as_str()));
+    for (_, p) in &got {
+        let p = p.as_ref().unwrap();
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"corr-42"[..]));
+        assert_eq!(p.content_type.as_deref(), Some("application/json"));
+    }
+    assert_eq!(
+        daemon.metric("qosroute_requests_total{outcome=\"completed\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        daemon.metric("qosroute_policy_fallbacks_total"),
+        Some(0.0),
+        "the learned router decided"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcard_and_mqtt311_devices_are_answered_on_their_device_topics() {
+    let broker = Broker::start();
+    let a = expert("a", Faults::default()).await;
+    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    until_up(&daemon, &["a"]).await;
+
+    // Postcard over the `/pc` suffix, no MQTT 5 properties: reply on resp/{device}, postcard.
+    let mut device = Device::connect(
+        broker.port,
+        "dev-pc",
+        &[&format!("qosroute/v1/{SITE}/resp/dev-pc")],
+    )
+    .await;
+    device
+        .publish(
+            &format!("qosroute/v1/{SITE}/req/dev-pc/pc"),
+            encode(&request("p1", false), Encoding::Postcard),
+            PublishProperties::default(),
+        )
+        .await;
+    let got = replies(&mut device, "p1", Encoding::Postcard).await;
+    assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
+
+    // An MQTT 3.1.1 device (no properties at all).
+    let mut options = rumqttc::MqttOptions::new("dev-311", "127.0.0.1", broker.port);
+    options.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+    client
+        .subscribe(
+            format!("qosroute/v1/{SITE}/resp/dev-311"),
+            rumqttc::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let poller = tokio::spawn(async move {
+        let mut subscribed = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => subscribed = true,
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = tx.send(p.payload);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+            let _ = subscribed;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .publish(
+            format!("qosroute/v1/{SITE}/req/dev-311"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            encode(&request("m1", true), Encoding::Json),
+        )
+        .await
+        .unwrap();
+    let mut last = None;
+    while let Ok(Some(payload)) = tokio::time::timeout(Duration::from_secs(15), rx.recv()).await {
+        let reply = proto::decode_reply(&payload, Encoding::Json).unwrap();
+        let end = matches!(reply, Reply::Final(_) | Reply::Error(_));
+        last = Some(reply);
+        if end {
+            break;
+        }
+    }
+    poller.abort();
+    assert!(matches!(last, Some(Reply::Final(_))), "{last:?}");
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_payloads_get_error_replies_and_valid_ones_still_succeed() {
+    let broker = Broker::start();
+    let a = expert("a", Faults::default()).await;
+    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    until_up(&daemon, &["a"]).await;
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-bad");
+    let mut device = Device::connect(broker.port, "dev-bad", &[&topic]).await;
+    let req = format!("qosroute/v1/{SITE}/req/dev-bad");
+    let cases: Vec<(Vec<u8>, &str, ErrorCode)> = vec![
+        (b"{not json".to_vec(), "", ErrorCode::Malformed),
+        (
+            br#"{"v":1,"id":"x1","prompt":"hi","max_tokens":"many"}"#.to_vec(),
+            "x1",
+            ErrorCode::Malformed,
+        ),
+        (
+            br#"{"v":9,"id":"x2","prompt":"hi","max_tokens":5}"#.to_vec(),
+            "x2",
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            br#"{"v":1,"id":"x3","prompt":"hi","max_tokens":0}"#.to_vec(),
+            "x3",
+            ErrorCode::Invalid,
+        ),
+        (
+            format!(
+                r#"{{"v":1,"id":"x4","prompt":"{}","max_tokens":5}}"#,
+                "a".repeat(20_000)
+            )
+            .into_bytes(),
+            "x4",
+            ErrorCode::TooLarge,
+        ),
+    ];
+    for (payload, id, code) in &cases {
+        device
+            .publish(&req, payload.clone(), PublishProperties::default())
+            .await;
+        let p = device
+            .next(Duration::from_secs(10))
+            .await
+            .expect("no error reply");
+        let reply = proto::decode_reply(&p.payload, Encoding::Json).unwrap();
+        let Reply::Error(e) = reply else {
+            panic!("expected an error, got {reply:?}")
+        };
+        assert_eq!(
+            e.code,
+            *code,
+            "payload {:?}",
+            String::from_utf8_lossy(&payload[..payload.len().min(60)])
+        );
+        assert_eq!(e.id.as_str(), *id);
+    }
+    device
+        .publish(
+            &req,
+            encode(&request("ok1", false), Encoding::Json),
+            PublishProperties::default(),
+        )
+        .await;
+    let got = replies(&mut device, "ok1", Encoding::Json).await;
+    assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
+    assert_eq!(
+        daemon.metric("qosroute_requests_total{outcome=\"malformed\"}"),
+        Some(cases.len() as f64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_failing_before_its_first_token_is_retried_and_one_dying_mid_stream_is_a_clear_error()
+ {
+    let broker = Broker::start();
+    let broken = expert(
+        "broken",
+        Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let dying = expert(
+        "dying",
+        Faults {
+            fail_after_tokens: Some(3),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let good = expert("good", Faults::default()).await;
+    // The fallback alone decides here, so which expert is tried first is known: the failing
+    // ones are listed as better (higher quality priors).
+    let mut cfg = config(&broker, &[(&broken, "broken"), (&good, "good")], "");
+    cfg = cfg.replace(
+        &format!(
+            "model_dir = \"{}\"",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../policy-model/models/han")
+        ),
+        "",
+    );
+    cfg = cfg.replacen("default = 0.6", "default = 0.9", 1);
+    let daemon = Daemon::start(&cfg);
+    until_up(&daemon, &["broken", "good"]).await;
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-r");
+    let mut device = Device::connect(broker.port, "dev-r", &[&topic]).await;
+    device
+        .publish(
+            &format!("qosroute/v1/{SITE}/req/dev-r"),
+            encode(&request("t1", true), Encoding::Json),
+            PublishProperties::default(),
+        )
+        .await;
+    let got = replies(&mut device, "t1", Encoding::Json).await;
+    let Reply::Final(fin) = &got.last().unwrap().0 else {
+        panic!("{got:?}")
+    };
+    assert_eq!(fin.expert.as_str(), "good", "retried on the healthy expert");
+    assert!(daemon.metric("qosroute_retries_total").unwrap() >= 1.0);
+    drop(daemon);
+
+    let daemon = Daemon::start(&config(&broker, &[(&dying, "dying")], ""));
+    until_up(&daemon, &["dying"]).await;
+    device
+        .publish(
+            &format!("qosroute/v1/{SITE}/req/dev-r"),
+            encode(&request("t2", true), Encoding::Json),
+            PublishProperties::default(),
+        )
+        .await;
+    let got = replies(&mut device, "t2", Encoding::Json).await;
+    let Reply::Error(e) = &got.last().unwrap().0 else {
+        panic!("{got:?}")
+    };
+    assert_eq!(e.code, ErrorCode::ExpertFailed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
+    let broker = Broker::start();
+    let a = expert("a", Faults::default()).await;
+    let mut daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    until_up(&daemon, &["a"]).await;
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-d");
+    let mut device = Device::connect(broker.port, "dev-d", &[&topic]).await;
+    // Long enough to be in flight at SIGTERM: 100 tokens at >= 5 ms per step (the emulator
+    // answers min(max_tokens, 128) tokens).
+    let long = proto::Request::new("long", Task::Chat, "Tell me a long story.")
+        .unwrap()
+        .with_max_tokens(100);
+    device
+        .publish(
+            &format!("qosroute/v1/{SITE}/req/dev-d"),
+            encode(&long, Encoding::Json),
+            PublishProperties::default(),
+        )
+        .await;
+    // Wait for the first chunk, then ask the daemon to stop.
+    let first = device
+        .next(Duration::from_secs(10))
+        .await
+        .expect("no first chunk");
+    assert!(matches!(
+        proto::decode_reply(&first.payload, Encoding::Json).unwrap(),
+        Reply::Chunk(_)
+    ));
+    daemon.signal("TERM");
+    let got = replies(&mut device, "long", Encoding::Json).await;
+    let Reply::Final(fin) = &got.last().unwrap().0 else {
+        panic!("{got:?}")
+    };
+    assert_eq!(
+        fin.output_tokens, 100,
+        "the in-flight request finished during the drain"
+    );
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "log:\n{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn check_config_prints_every_problem_with_its_key() {
+    let dir = support::Scratch::new("check");
+    let good = dir.path("good.toml");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/qosrouted.example.toml"
+    ))
+    .unwrap()
+    .replace(
+        "model_dir = \"policy-model/models/han\"",
+        &format!(
+            "model_dir = \"{}/../policy-model/models/han\"",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    );
+    std::fs::write(&good, &text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qosrouted"))
+        .arg("--check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK (2 experts"));
+
+    let bad = dir.path("bad.toml");
+    std::fs::write(
+        &bad,
+        text.replace("site = \"lab\"", "site = \"\"")
+            .replace("max_slots = 4", "max_slots = 0"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qosrouted"))
+        .arg("--check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2 problem(s)"), "{err}");
+    assert!(
+        err.contains("site:") && err.contains("expert[0].max_slots"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qosrouted"))
+        .arg("--check-config")
+        .arg(dir.path("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_calibration_moves_a_misconfigured_latency_model_toward_the_experts_real_speed() {
+    let broker = Broker::start();
+    let a = expert("a", Faults::default()).await;
+    // The emulated expert's decode step is 5 ms; the config says 10 ms.
+    let cfg =
+        config(&broker, &[(&a, "a")], "").replace("decode_t0_s = 0.005", "decode_t0_s = 0.010");
+    let daemon = Daemon::start(&cfg);
+    until_up(&daemon, &["a"]).await;
+    let t0 = || {
+        daemon
+            .metric("qosroute_expert_decode_t0_seconds{expert=\"a\"}")
+            .unwrap()
+    };
+    assert_eq!(t0(), 0.010);
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-c");
+    let mut device = Device::connect(broker.port, "dev-c", &[&topic]).await;
+    for i in 0..25 {
+        let id = format!("c{i}");
+        let r = proto::Request::new(&id, Task::Chat, "Count to thirty.")
+            .unwrap()
+            .with_max_tokens(30);
+        device
+            .publish(
+                &format!("qosroute/v1/{SITE}/req/dev-c"),
+                encode(&r, Encoding::Json),
+                PublishProperties::default(),
+            )
+            .await;
+        let got = replies(&mut device, &id, Encoding::Json).await;
+        assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
+    }
+    let fitted = t0();
+    eprintln!("decode t0 after 25 requests: {fitted} s (configured 0.010, emulated 0.005)");
+    assert!(
+        (0.004..0.0085).contains(&fitted),
+        "t0 after 25 requests: {fitted} (configured 0.010, real 0.005)"
+    );
+}
