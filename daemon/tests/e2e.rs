@@ -565,3 +565,95 @@ async fn online_calibration_moves_a_misconfigured_latency_model_toward_the_exper
         "t0 after 25 requests: {fitted} (configured 0.010, real 0.005)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_valid_reload_and_keeps_the_old_config_on_a_bad_one() {
+    let broker = Broker::start();
+    let (a, b) = (
+        expert("a", Faults::default()).await,
+        expert("b", Faults::default()).await,
+    );
+    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    until_up(&daemon, &["a"]).await;
+    assert_eq!(daemon.metric("qosroute_expert_up{expert=\"b\"}"), None);
+    let metrics_line = format!("listen = \"127.0.0.1:{}\"", daemon.metrics_port);
+    let with_b = config(&broker, &[(&a, "a"), (&b, "b")], "")
+        .replace("listen = \"127.0.0.1:{metrics_port}\"", &metrics_line);
+    std::fs::write(&daemon.config, &with_b).unwrap();
+    daemon.signal("HUP");
+    until_up(&daemon, &["a", "b"]).await;
+
+    // A bad file changes nothing.
+    std::fs::write(
+        &daemon.config,
+        with_b.replace("max_slots = 8", "max_slots = 0"),
+    )
+    .unwrap();
+    daemon.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_up(&daemon, &["a", "b"]).await;
+    assert!(
+        daemon.log_text().contains("reload refused"),
+        "{}",
+        daemon.log_text()
+    );
+
+    // And it still serves.
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-h");
+    let mut device = Device::connect(broker.port, "dev-h", &[&topic]).await;
+    device
+        .publish(
+            &format!("qosroute/v1/{SITE}/req/dev-h"),
+            encode(&request("h1", false), Encoding::Json),
+            PublishProperties::default(),
+        )
+        .await;
+    let got = replies(&mut device, "h1", Encoding::Json).await;
+    assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_over_its_rate_gets_an_explicit_rate_limited_reply() {
+    let broker = Broker::start();
+    let a = expert("a", Faults::default()).await;
+    let daemon = Daemon::start(&config(
+        &broker,
+        &[(&a, "a")],
+        "[admission]\ndevice_rate_per_s = 0.5\ndevice_burst = 2.0\n",
+    ));
+    until_up(&daemon, &["a"]).await;
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-rl");
+    let mut device = Device::connect(broker.port, "dev-rl", &[&topic]).await;
+    for i in 0..3 {
+        device
+            .publish(
+                &format!("qosroute/v1/{SITE}/req/dev-rl"),
+                encode(&request(&format!("q{i}"), false), Encoding::Json),
+                PublishProperties::default(),
+            )
+            .await;
+    }
+    let mut ends = std::collections::BTreeMap::new();
+    while ends.len() < 3 {
+        let p = device
+            .next(Duration::from_secs(10))
+            .await
+            .expect("missing replies");
+        match proto::decode_reply(&p.payload, Encoding::Json).unwrap() {
+            Reply::Final(f) => {
+                ends.insert(f.id.as_str().to_owned(), "final".to_owned());
+            }
+            Reply::Error(e) => {
+                ends.insert(e.id.as_str().to_owned(), e.code.as_str().to_owned());
+            }
+            Reply::Chunk(_) => {}
+        }
+    }
+    assert_eq!(ends["q0"], "final");
+    assert_eq!(ends["q1"], "final");
+    assert_eq!(ends["q2"], ErrorCode::RateLimited.as_str());
+    assert_eq!(
+        daemon.metric("qosroute_requests_total{outcome=\"rate_limited\"}"),
+        Some(1.0)
+    );
+}
