@@ -657,3 +657,59 @@ async fn a_device_over_its_rate_gets_an_explicit_rate_limited_reply() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_on_an_answered_request_is_applied_and_unknown_ids_are_ignored() {
+    let broker = Broker::start();
+    let a = expert("a", Faults::default()).await;
+    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    until_up(&daemon, &["a"]).await;
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-f");
+    let mut device = Device::connect(broker.port, "dev-f", &[&topic]).await;
+    device
+        .publish(
+            &format!("qosroute/v1/{SITE}/req/dev-f"),
+            encode(&request("f1", false), Encoding::Json),
+            PublishProperties::default(),
+        )
+        .await;
+    let got = replies(&mut device, "f1", Encoding::Json).await;
+    assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
+    let feedback = |id: &str, score: f32| {
+        let mut buf = vec![0u8; 256];
+        let n = proto::encode_feedback(
+            &proto::Feedback::new(id, score).unwrap(),
+            Encoding::Json,
+            &mut buf,
+        )
+        .unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let fb_topic = format!("qosroute/v1/{SITE}/feedback/dev-f");
+    device
+        .publish(
+            &fb_topic,
+            feedback("nobody", 0.9),
+            PublishProperties::default(),
+        )
+        .await;
+    device
+        .publish(&fb_topic, feedback("f1", 0.9), PublishProperties::default())
+        .await;
+    device
+        .publish(&fb_topic, b"garbage".to_vec(), PublishProperties::default())
+        .await;
+    for _ in 0..100 {
+        if daemon.metric("qosroute_feedback_total") == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        daemon.metric("qosroute_feedback_total"),
+        Some(1.0),
+        "{}",
+        daemon.log_text()
+    );
+}
