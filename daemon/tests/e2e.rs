@@ -713,3 +713,38 @@ async fn feedback_on_an_answered_request_is_applied_and_unknown_ids_are_ignored(
         daemon.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_the_daemon_reconnects_resubscribes_and_serves() {
+    let mut broker = Broker::start();
+    let a = expert("a", Faults::default()).await;
+    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    until_up(&daemon, &["a"]).await;
+    assert_eq!(daemon.metric("qosroute_mqtt_connections_total"), Some(1.0));
+    broker.restart(Duration::from_millis(500));
+    // The broker lost every session: the daemon must reconnect and subscribe again.
+    for _ in 0..200 {
+        if daemon.metric("qosroute_mqtt_connections_total") == Some(2.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        daemon.metric("qosroute_mqtt_connections_total"),
+        Some(2.0),
+        "{}",
+        daemon.log_text()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-b");
+    let mut device = Device::connect(broker.port, "dev-b", &[&topic]).await;
+    device
+        .publish(
+            &format!("qosroute/v1/{SITE}/req/dev-b"),
+            encode(&request("b1", false), Encoding::Json),
+            PublishProperties::default(),
+        )
+        .await;
+    let got = replies(&mut device, "b1", Encoding::Json).await;
+    assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
+}

@@ -57,6 +57,8 @@ fn wait_for_port(port: u16, what: &str) {
 pub struct Broker {
     pub port: u16,
     child: Child,
+    exe: &'static str,
+    conf: PathBuf,
     _dir: Scratch,
 }
 
@@ -83,19 +85,35 @@ impl Broker {
                     .is_ok()
             })
             .expect("mosquitto is not installed (apt-get install -y mosquitto)");
-        let child = Command::new(exe)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = Self::spawn(exe, &conf);
         wait_for_port(port, "mosquitto");
         Broker {
             port,
             child,
+            exe,
+            conf,
             _dir: dir,
         }
+    }
+
+    fn spawn(exe: &str, conf: &std::path::Path) -> Child {
+        Command::new(exe)
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Kills the broker (no persistence: sessions and subscriptions are lost), waits
+    /// `down_for`, and starts it again on the same port.
+    pub fn restart(&mut self, down_for: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down_for);
+        self.child = Self::spawn(self.exe, &self.conf);
+        wait_for_port(self.port, "mosquitto (restarted)");
     }
 
     pub fn url(&self) -> String {
