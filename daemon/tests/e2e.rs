@@ -748,3 +748,34 @@ async fn after_a_broker_restart_the_daemon_reconnects_resubscribes_and_serves() 
     let got = replies(&mut device, "b1", Encoding::Json).await;
     assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_model_file_falls_back_to_qos_greedy_and_counts_it() {
+    let broker = Broker::start();
+    let a = expert("a", Faults::default()).await;
+    let dir = support::Scratch::new("bad-model");
+    std::fs::write(dir.path("router-f32.onnx"), b"this is not an onnx model").unwrap();
+    let cfg = config(&broker, &[(&a, "a")], "").replace(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../policy-model/models/han"),
+        dir.0.to_str().unwrap(),
+    );
+    let daemon = Daemon::start(&cfg);
+    until_up(&daemon, &["a"]).await;
+    assert!(
+        daemon.log_text().contains("learned router unusable"),
+        "{}",
+        daemon.log_text()
+    );
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-m");
+    let mut device = Device::connect(broker.port, "dev-m", &[&topic]).await;
+    device
+        .publish(
+            &format!("qosroute/v1/{SITE}/req/dev-m"),
+            encode(&request("m1", false), Encoding::Json),
+            PublishProperties::default(),
+        )
+        .await;
+    let got = replies(&mut device, "m1", Encoding::Json).await;
+    assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
+    assert_eq!(daemon.metric("qosroute_policy_fallbacks_total"), Some(1.0));
+}
