@@ -146,6 +146,26 @@ impl OnnxPolicy {
         Self::from_bytes(&format!("han:{}", path.display()), &bytes)
     }
 
+    /// Compiles ahead of time the plans that decisions over `experts` experts with up to
+    /// `running` running nodes will most likely use (every running-node bucket up to
+    /// `node_bucket(running)`, with the smallest waiting bucket), so that the first decisions
+    /// do not pay tens of milliseconds each. At most [`MAX_CACHED_PLANS`] are compiled;
+    /// returns how many were.
+    pub fn prepare(&mut self, experts: usize, running: usize) -> Result<usize, OnnxError> {
+        let top = node_bucket(running);
+        let mut sizes = Vec::new();
+        let mut r = node_bucket(0);
+        while r <= top && sizes.len() < MAX_CACHED_PLANS {
+            sizes.push((experts, r, node_bucket(0)));
+            r = node_bucket(r + 1);
+        }
+        let before = self.plans_compiled;
+        for size in sizes {
+            self.plan_for(size)?;
+        }
+        Ok(usize::try_from(self.plans_compiled - before).unwrap_or(usize::MAX))
+    }
+
     /// Decisions that fell back to `qos-greedy` because inference failed.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks
