@@ -231,6 +231,14 @@ pub struct TelemetryConfig {
     /// Signals older than this are stale: the expert counts as saturated, never idle.
     #[serde(default = "default_stale_after_s")]
     pub stale_after_s: f64,
+    /// A local expert's device (CPU or GPU) busier than this fraction while none of this
+    /// daemon's requests run on it is taken by another process: the expert counts as saturated.
+    #[serde(default = "default_host_busy_above")]
+    pub host_busy_above: f64,
+    /// Which host telemetry providers may be used (`[telemetry.host]`: `sysfs_root`,
+    /// `enable_nvml`, `enable_jetson`). Host telemetry runs only when an expert is `local`.
+    #[serde(default)]
+    pub host: qosroute_telemetry::TelemetryOptions,
 }
 
 /// Logging.
@@ -291,6 +299,47 @@ pub struct ExpertConfig {
     /// The expert runs on this host, so host telemetry (CPU, GPU) applies to it.
     #[serde(default)]
     pub local: bool,
+    /// For a local expert, the device it computes on: `cpu` (the default), `gpu` (the first
+    /// GPU host telemetry finds) or `gpu:NAME` (the GPU whose telemetry name starts with
+    /// NAME, e.g. `gpu:nvml1` or `gpu:tegra`). Its load unknown or stale counts as saturated.
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+/// The device a local expert computes on, as host telemetry names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostDevice {
+    /// The host's CPUs.
+    Cpu,
+    /// A GPU whose telemetry name starts with this prefix (empty: the first GPU).
+    Gpu(String),
+}
+
+impl HostDevice {
+    /// Parses `cpu`, `gpu` or `gpu:NAME`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cpu" => Some(Self::Cpu),
+            "gpu" => Some(Self::Gpu(String::new())),
+            _ => s
+                .strip_prefix("gpu:")
+                .filter(|n| !n.is_empty())
+                .map(|n| Self::Gpu(n.to_owned())),
+        }
+    }
+}
+
+impl ExpertConfig {
+    /// The host device whose load applies to this expert: `None` unless it is local.
+    pub fn host_device(&self) -> Option<HostDevice> {
+        if !self.local {
+            return None;
+        }
+        match &self.device {
+            None => Some(HostDevice::Cpu),
+            Some(d) => HostDevice::parse(d),
+        }
+    }
 }
 
 /// Metric names of an engine's `/metrics`.
@@ -305,6 +354,9 @@ pub struct MetricNamesConfig {
     pub kv_usage: Option<String>,
 }
 
+fn default_host_busy_above() -> f64 {
+    0.9
+}
 fn default_keep_alive_s() -> u64 {
     30
 }
@@ -402,6 +454,8 @@ impl Default for TelemetryConfig {
         Self {
             scrape_interval_s: default_scrape_interval_s(),
             stale_after_s: default_stale_after_s(),
+            host_busy_above: default_host_busy_above(),
+            host: qosroute_telemetry::TelemetryOptions::default(),
         }
     }
 }
@@ -530,6 +584,15 @@ impl Config {
             self.telemetry.scrape_interval_s,
         );
         p.positive("telemetry.stale_after_s", self.telemetry.stale_after_s);
+        if !(self.telemetry.host_busy_above > 0.0 && self.telemetry.host_busy_above <= 1.0) {
+            p.add(
+                "telemetry.host_busy_above",
+                format!(
+                    "must be within (0, 1], got {}",
+                    self.telemetry.host_busy_above
+                ),
+            );
+        }
         if self.telemetry.stale_after_s < self.telemetry.scrape_interval_s {
             p.add(
                 "telemetry.stale_after_s",
@@ -650,6 +713,16 @@ impl Config {
                     key("api_key_env"),
                     format!("environment variable {var} is not set"),
                 );
+            }
+            if let Some(d) = &e.device {
+                if !e.local {
+                    p.add(key("device"), "applies only to a `local = true` expert");
+                } else if HostDevice::parse(d).is_none() {
+                    p.add(
+                        key("device"),
+                        format!("must be `cpu`, `gpu` or `gpu:NAME`, got `{d}`"),
+                    );
+                }
             }
             for (task, q) in &e.quality {
                 if task != "default" && task.parse::<Task>().is_err() {
@@ -817,5 +890,47 @@ mod tests {
         let keys: Vec<String> = c.validate().into_iter().map(|p| p.key).collect();
         assert!(keys.contains(&"policy.model_dir".to_owned()), "{keys:?}");
         assert!(keys.contains(&"broker.password_env".to_owned()), "{keys:?}");
+    }
+
+    #[test]
+    fn a_local_experts_device_is_checked_and_resolved() {
+        let c = Config::parse(&example(), "x").unwrap();
+        assert_eq!(
+            c.experts[0].host_device(),
+            Some(HostDevice::Gpu(String::new()))
+        );
+        assert_eq!(c.experts[1].host_device(), None, "not local");
+        let text = example()
+            .replace("device = \"gpu\"", "device = \"tpu\"")
+            .replace("host_busy_above = 0.9", "host_busy_above = 1.5");
+        let keys: Vec<String> = Config::parse(&text, "x")
+            .unwrap()
+            .validate()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert!(keys.contains(&"expert[0].device".to_owned()), "{keys:?}");
+        assert!(
+            keys.contains(&"telemetry.host_busy_above".to_owned()),
+            "{keys:?}"
+        );
+        let text = example().replace("local = true\n", "");
+        let keys: Vec<String> = Config::parse(&text, "x")
+            .unwrap()
+            .validate()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            vec!["expert[0].device".to_owned()],
+            "device needs local"
+        );
+        assert_eq!(
+            HostDevice::parse("gpu:nvml1"),
+            Some(HostDevice::Gpu("nvml1".into()))
+        );
+        assert_eq!(HostDevice::parse("cpu"), Some(HostDevice::Cpu));
+        assert_eq!(HostDevice::parse("gpu:"), None);
     }
 }

@@ -17,6 +17,7 @@ use anyhow::Context;
 use qosroute_core::OnnxPolicy;
 use qosroute_expert_client::{ExpertClient, ExpertEndpoint, Timeouts};
 use qosroute_proto::{self as proto, Encoding, ErrorCode};
+use qosroute_telemetry::{HostSample, HostTelemetry, TelemetryOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
@@ -51,6 +52,8 @@ pub struct Shared {
     pub cut: CancellationToken,
     next_key: AtomicU64,
     answered: std::sync::Mutex<HashMap<DeviceRequest, Answered>>,
+    /// The last host telemetry sample (only taken while an expert is local).
+    host: std::sync::Mutex<Option<HostSample>>,
 }
 
 impl Shared {
@@ -132,8 +135,21 @@ fn build_clients(config: &Config) -> anyhow::Result<HashMap<String, ExpertClient
 fn load_model(config: &Config) -> Option<OnnxPolicy> {
     let file = config.model_file()?;
     match OnnxPolicy::load(&file) {
-        Ok(m) => {
-            tracing::info!(model = %file.display(), "learned router loaded");
+        Ok(mut m) => {
+            // Compile the plans of the likely graph sizes now rather than in the first
+            // decisions (each costs tens of milliseconds once).
+            let started = std::time::Instant::now();
+            let slots: usize = config.experts.iter().map(|e| e.max_slots as usize).sum();
+            let prepared = m.prepare(config.experts.len(), slots);
+            tracing::info!(
+                model = %file.display(),
+                plans = prepared.as_ref().ok(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "learned router loaded"
+            );
+            if let Err(error) = prepared {
+                tracing::warn!(%error, "plans could not be compiled ahead; they compile on first use");
+            }
             Some(m)
         }
         Err(error) => {
@@ -160,6 +176,7 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         cut: CancellationToken::new(),
         next_key: AtomicU64::new(1),
         answered: std::sync::Mutex::new(HashMap::new()),
+        host: std::sync::Mutex::new(None),
     });
 
     let stop_link = CancellationToken::new();
@@ -181,6 +198,7 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     ));
     let dispatcher = tokio::spawn(dispatch(shared.clone(), incoming_rx, stop_dispatch.clone()));
     tasks.spawn(check_experts(shared.clone(), stop_background.clone()));
+    tasks.spawn(sample_host(shared.clone(), stop_background.clone()));
     if let Some(addr) = config.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -257,13 +275,18 @@ async fn reload(shared: &Shared, path: &std::path::Path) {
             return;
         }
     };
+    // A new model loads (and compiles its plans) before the router is locked.
+    let model = if config.policy == old.policy {
+        None
+    } else {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || load_model(&c))
+            .await
+            .ok()
+            .flatten()
+    };
     {
         let mut router = shared.router.lock().await;
-        let model = if config.policy == old.policy {
-            None
-        } else {
-            load_model(&config)
-        };
         match router.reconfigure(&config, model, config.policy != old.policy) {
             Ok(()) => {}
             Err(error) => {
@@ -547,6 +570,68 @@ async fn check_experts(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// Samples host telemetry each `telemetry.scrape_interval_s` while an expert of the
+/// configuration in force is `local`, into the ledger (the state of local experts) and the
+/// metrics. Providers are detected on first need and again when `[telemetry.host]` changes;
+/// what is missing is logged once, at detection. Reads run on the blocking pool.
+async fn sample_host(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut telemetry: Option<(TelemetryOptions, HostTelemetry)> = None;
+    loop {
+        let config = shared.config();
+        if config.experts.iter().any(|e| e.local) {
+            let options = config.telemetry.host.clone();
+            let detected = match telemetry.take() {
+                Some((o, t)) if o == options => Some((o, t)),
+                _ => {
+                    let o = options.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let (t, notes) = HostTelemetry::detect(&o);
+                        tracing::info!(
+                            providers = ?t.provider_names(),
+                            notes = notes.len(),
+                            "host telemetry detected"
+                        );
+                        (o, t)
+                    })
+                    .await
+                    .ok()
+                }
+            };
+            let sampled = match detected {
+                Some((o, mut t)) => tokio::task::spawn_blocking(move || {
+                    let sample = t.sample();
+                    (o, t, sample)
+                })
+                .await
+                .ok(),
+                None => None,
+            };
+            if let Some((o, t, sample)) = sampled {
+                telemetry = Some((o, t));
+                let reading = crate::ledger::HostReading {
+                    at: Instant::from_std(sample.at),
+                    cpu_utilisation: sample.cpu_utilisation,
+                    gpu_utilisation: sample
+                        .gpus
+                        .iter()
+                        .map(|g| (g.name.clone(), g.utilisation))
+                        .collect(),
+                };
+                shared.router.lock().await.ledger.host_reading(reading);
+                if let Ok(mut h) = shared.host.lock() {
+                    *h = Some(sample);
+                }
+            }
+        } else {
+            telemetry = None;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs_f64(config.telemetry.scrape_interval_s)) => {}
+        }
+    }
+}
+
 /// `GET /metrics` on a plain HTTP/1.1 listener.
 async fn serve_metrics(
     shared: Arc<Shared>,
@@ -585,11 +670,13 @@ async fn serve_metrics(
                             name: b.profile.name.clone(),
                             in_flight: b.in_flight.len(),
                             up: router.ledger.is_up(e, now, stale),
+                            foreign: router.ledger.foreign_requests(e, now, stale),
                             latency: b.profile.latency,
                         })
                         .collect()
                 };
-                let body = s.metrics.render(&experts);
+                let host = s.host.lock().ok().and_then(|h| h.clone());
+                let body = s.metrics.render(&experts, host.as_ref());
                 format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
             } else {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()

@@ -13,6 +13,8 @@ use std::time::Duration;
 use qosroute_core::{ClusterState, ExpertProfile, ExpertState, InFlight, Task};
 use tokio::time::Instant;
 
+use crate::config::HostDevice;
+
 /// A request this daemon dispatched to an expert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dispatched {
@@ -75,6 +77,34 @@ pub struct ExpertBook {
     pub reported: Option<ReportedLoad>,
     /// The latency model as configured (the profile's is refitted online).
     pub configured_latency: qosroute_core::LatencyModel,
+    /// For an expert on this host, the device whose load host telemetry reports.
+    pub host_device: Option<HostDevice>,
+}
+
+/// What host telemetry last read of this host's devices (only when an expert is local).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostReading {
+    /// When it was read.
+    pub at: Instant,
+    /// Busy fraction of all CPUs; `None`: unknown.
+    pub cpu_utilisation: Option<f64>,
+    /// Busy fraction of each GPU by its telemetry name; `None`: unknown.
+    pub gpu_utilisation: Vec<(String, Option<f64>)>,
+}
+
+impl HostReading {
+    /// The busy fraction of `device`, if known: a GPU is matched by name prefix (an empty
+    /// prefix is the first GPU).
+    pub fn utilisation_of(&self, device: &HostDevice) -> Option<f64> {
+        match device {
+            HostDevice::Cpu => self.cpu_utilisation,
+            HostDevice::Gpu(prefix) => self
+                .gpu_utilisation
+                .iter()
+                .find(|(name, _)| name.starts_with(prefix.as_str()))
+                .and_then(|(_, u)| *u),
+        }
+    }
 }
 
 /// Typical size of a request the daemon did not send (another client's), for the load the
@@ -90,10 +120,20 @@ const FOREIGN_SLO_S_PER_TOKEN: f64 = 1e3;
 pub const FAILURES_TO_OPEN: u32 = 3;
 
 /// The books of every expert, indexed as the policy indexes experts.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Ledger {
     /// Experts in policy order.
     pub experts: Vec<ExpertBook>,
+    /// The last host telemetry reading (for experts on this host).
+    pub host: Option<HostReading>,
+    /// A local expert's device busier than this with none of our requests on it is taken.
+    pub host_busy_above: f64,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new(&[])
+    }
 }
 
 impl Ledger {
@@ -113,8 +153,11 @@ impl Ledger {
                     reports_load: false,
                     reported: None,
                     configured_latency: p.latency,
+                    host_device: None,
                 })
                 .collect(),
+            host: None,
+            host_busy_above: 1.0,
         }
     }
 
@@ -133,7 +176,9 @@ impl Ledger {
     /// Requests this daemon sent are exact. Beyond them, an engine that reports its load adds
     /// requests of other clients (the reported count minus ours, as typical-size requests); if
     /// its report is missing or stale the expert counts as saturated (every slot taken), never
-    /// as idle.
+    /// as idle. An expert on this host is saturated as well when host telemetry cannot tell
+    /// its device's load (unknown or stale), or when the device is busier than
+    /// `host_busy_above` while none of our requests run on it (another process has it).
     pub fn cluster_state(
         &self,
         now: Instant,
@@ -159,26 +204,18 @@ impl Ledger {
                         slo_s_per_token: d.slo_s_per_token,
                     };
                     let mut all: Vec<InFlight> = book.in_flight.iter().map(as_in_flight).collect();
-                    if book.reports_load {
-                        let fresh = book
-                            .reported
-                            .filter(|r| now.saturating_duration_since(r.at) <= stale_after);
-                        let engine_total = match fresh {
-                            Some(r) => (r.running + r.waiting) as usize,
-                            None => slots.max(all.len()),
-                        };
-                        let foreign = engine_total.saturating_sub(all.len());
-                        all.extend((0..foreign).map(|i| InFlight {
-                            id: u64::MAX - i as u64,
-                            task: Task::Chat,
-                            prompt_tokens: FOREIGN_PROMPT_TOKENS,
-                            predicted_output_tokens: FOREIGN_OUTPUT_TOKENS,
-                            generated_tokens: 0,
-                            elapsed_s: 0.0,
-                            predicted_quality: 0.0,
-                            slo_s_per_token: FOREIGN_SLO_S_PER_TOKEN,
-                        }));
-                    }
+                    // Requests of other clients (or other processes) as typical-size ones.
+                    let foreign = self.foreign_requests(e, now, stale_after);
+                    all.extend((0..foreign).map(|i| InFlight {
+                        id: u64::MAX - i as u64,
+                        task: Task::Chat,
+                        prompt_tokens: FOREIGN_PROMPT_TOKENS,
+                        predicted_output_tokens: FOREIGN_OUTPUT_TOKENS,
+                        generated_tokens: 0,
+                        elapsed_s: 0.0,
+                        predicted_quality: 0.0,
+                        slo_s_per_token: FOREIGN_SLO_S_PER_TOKEN,
+                    }));
                     let waiting = all.split_off(all.len().min(slots));
                     ExpertState {
                         profile: book.profile.clone(),
@@ -190,6 +227,59 @@ impl Ledger {
                 })
                 .collect(),
         }
+    }
+
+    /// Requests on expert `e` that are not this daemon's, as the policy is shown them: the
+    /// engine's reported count beyond ours, or every free slot when its report is missing or
+    /// stale, or when its host device is unknown, stale or taken by another process.
+    pub fn foreign_requests(&self, e: usize, now: Instant, stale_after: Duration) -> usize {
+        let Some(book) = self.experts.get(e) else {
+            return 0;
+        };
+        let ours = book.in_flight.len();
+        let saturated = (book.profile.max_slots as usize).max(ours);
+        let mut engine_total = ours;
+        if book.reports_load {
+            let fresh = book
+                .reported
+                .filter(|r| now.saturating_duration_since(r.at) <= stale_after);
+            engine_total = match fresh {
+                Some(r) => (r.running + r.waiting) as usize,
+                None => saturated,
+            };
+        }
+        if let Some(device) = &book.host_device
+            && self.host_device_taken(device, ours == 0, now, stale_after)
+        {
+            engine_total = saturated;
+        }
+        engine_total.saturating_sub(ours)
+    }
+
+    /// Whether a local expert's `device` is unavailable to new work at `now`: its load is
+    /// unknown or stale, or it is busier than `host_busy_above` while `idle_here` (none of our
+    /// requests run on it).
+    fn host_device_taken(
+        &self,
+        device: &HostDevice,
+        idle_here: bool,
+        now: Instant,
+        stale_after: Duration,
+    ) -> bool {
+        let utilisation = self
+            .host
+            .as_ref()
+            .filter(|h| now.saturating_duration_since(h.at) <= stale_after)
+            .and_then(|h| h.utilisation_of(device));
+        match utilisation {
+            None => true,
+            Some(u) => idle_here && u > self.host_busy_above,
+        }
+    }
+
+    /// Records what host telemetry read.
+    pub fn host_reading(&mut self, reading: HostReading) {
+        self.host = Some(reading);
     }
 
     /// Records the load an engine reported.
@@ -353,6 +443,50 @@ mod tests {
         let now = Instant::now();
         assert!(ledger.is_up(0, now, stale), "half-open after the pause");
         assert!(!ledger.is_up(7, now, stale), "no such expert");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_local_expert_is_saturated_when_its_device_is_unknown_stale_or_taken() {
+        let epoch = Instant::now();
+        let stale = Duration::from_secs(5);
+        let mut ledger = Ledger::new(&[profile("cpu-expert", 4), profile("gpu-expert", 4)]);
+        ledger.host_busy_above = 0.9;
+        ledger.experts[0].host_device = Some(HostDevice::Cpu);
+        ledger.experts[1].host_device = Some(HostDevice::Gpu("nvml1".into()));
+        let running = |l: &Ledger, now| {
+            let s = l.cluster_state(now, stale, epoch);
+            (s.experts[0].running.len(), s.experts[1].running.len())
+        };
+        assert_eq!(running(&ledger, epoch), (4, 4), "no reading yet: saturated");
+        let reading = |cpu, gpu1| HostReading {
+            at: Instant::now(),
+            cpu_utilisation: cpu,
+            gpu_utilisation: vec![("nvml0:A".into(), Some(0.0)), ("nvml1:B".into(), gpu1)],
+        };
+        ledger.host_reading(reading(Some(0.3), None));
+        assert_eq!(
+            running(&ledger, epoch),
+            (0, 4),
+            "GPU load unknown: saturated"
+        );
+        ledger.host_reading(reading(Some(0.95), Some(0.2)));
+        assert_eq!(
+            running(&ledger, epoch),
+            (4, 0),
+            "CPU taken by another process"
+        );
+        ledger.dispatch(0, dispatched(1, epoch));
+        assert_eq!(
+            running(&ledger, epoch),
+            (1, 0),
+            "a busy device running our own request is ours, not taken"
+        );
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(
+            running(&ledger, Instant::now()),
+            (4, 4),
+            "stale reading: saturated"
+        );
     }
 
     #[tokio::test(start_paused = true)]

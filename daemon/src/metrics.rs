@@ -1,6 +1,7 @@
 //! The daemon's Prometheus metrics: counters and histograms in atomics, rendered as the text
 //! exposition format on `GET /metrics` by a minimal HTTP/1.1 responder.
 
+use qosroute_telemetry::HostSample;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -54,8 +55,9 @@ impl Outcome {
 }
 
 /// Upper bounds of the decision-latency histogram, seconds.
-pub const DECISION_BUCKETS_S: [f64; 10] = [
-    25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3,
+pub const DECISION_BUCKETS_S: [f64; 16] = [
+    25e-6, 50e-6, 100e-6, 150e-6, 200e-6, 300e-6, 400e-6, 600e-6, 800e-6, 1.2e-3, 1.6e-3, 3.2e-3,
+    6.4e-3, 12.8e-3, 25.6e-3, 51.2e-3,
 ];
 
 /// A fixed-bucket histogram.
@@ -143,7 +145,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with per-expert gauges from `experts`.
-    pub fn render(&self, experts: &[ExpertGauges]) -> String {
+    pub fn render(&self, experts: &[ExpertGauges], host: Option<&HostSample>) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP qosroute_requests_total Requests by how they ended.\n");
         out.push_str("# TYPE qosroute_requests_total counter\n");
@@ -206,11 +208,16 @@ impl Metrics {
             self.qos_sum_micro.load(Ordering::Relaxed) as f64 / 1e6
         );
         type Gauge = fn(&ExpertGauges) -> f64;
-        let gauges: [(&str, &str, Gauge); 6] = [
+        let gauges: [(&str, &str, Gauge); 7] = [
             (
                 "qosroute_expert_in_flight",
                 "Requests in flight per expert.",
                 |g| g.in_flight as f64,
+            ),
+            (
+                "qosroute_expert_foreign_requests",
+                "Requests the policy counts on the expert beyond this daemon's: reported by the engine, or every free slot while its load (or its host device's) is unknown, stale or taken.",
+                |g| g.foreign as f64,
             ),
             (
                 "qosroute_expert_up",
@@ -244,7 +251,77 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{expert=\"{}\"}} {}", escape(&g.name), value(g));
             }
         }
+        if let Some(h) = host {
+            render_host(&mut out, h);
+        }
         out
+    }
+}
+
+/// Host telemetry gauges: only what is known (an unknown value is absent, never 0).
+fn render_host(out: &mut String, h: &HostSample) {
+    let mut gauge = |name: &str, help: &str, rows: Vec<(String, f64)>| {
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let plain = |v: Option<f64>| {
+        v.map(|v| (String::new(), v))
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    gauge(
+        "qosroute_host_cpu_utilisation",
+        "Busy fraction of the host's CPUs.",
+        plain(h.cpu_utilisation),
+    );
+    gauge(
+        "qosroute_host_memory_used",
+        "Fraction of the host's RAM in use.",
+        plain(h.memory_used),
+    );
+    gauge(
+        "qosroute_host_temperature_celsius",
+        "Host temperature sensors.",
+        h.temperatures_c
+            .iter()
+            .map(|(s, t)| (format!("{{sensor=\"{}\"}}", escape(s)), *t))
+            .collect(),
+    );
+    type Field = fn(&qosroute_telemetry::GpuSample) -> Option<f64>;
+    let gpu_fields: [(&str, &str, Field); 4] = [
+        (
+            "qosroute_host_gpu_utilisation",
+            "Busy fraction of each GPU.",
+            |g| g.utilisation,
+        ),
+        (
+            "qosroute_host_gpu_memory_used",
+            "Fraction of each GPU's memory in use.",
+            |g| g.memory_used,
+        ),
+        (
+            "qosroute_host_gpu_temperature_celsius",
+            "GPU die temperature.",
+            |g| g.temperature_c,
+        ),
+        ("qosroute_host_gpu_frequency_mhz", "GPU clock.", |g| {
+            g.frequency_mhz
+        }),
+    ];
+    for (name, help, field) in gpu_fields {
+        gauge(
+            name,
+            help,
+            h.gpus
+                .iter()
+                .filter_map(|g| field(g).map(|v| (format!("{{gpu=\"{}\"}}", escape(&g.name)), v)))
+                .collect(),
+        );
     }
 }
 
@@ -257,6 +334,9 @@ pub struct ExpertGauges {
     pub in_flight: usize,
     /// Takes traffic.
     pub up: bool,
+    /// Requests the policy is shown beyond this daemon's own (other clients' reported load,
+    /// or every free slot while the expert's load is unknown or stale).
+    pub foreign: usize,
     /// The latency model in use (refitted online).
     pub latency: qosroute_core::LatencyModel,
 }
@@ -292,20 +372,55 @@ mod tests {
         m.count(Outcome::Shed);
         m.count(Outcome::Shed);
         m.qos(0.5);
-        let text = m.render(&[ExpertGauges {
-            name: "a\"b".into(),
-            in_flight: 3,
-            up: true,
-            latency: qosroute_core::LatencyModel::paper(1e-4, 1e-7, 0.02),
-        }]);
+        let text = m.render(
+            &[ExpertGauges {
+                name: "a\"b".into(),
+                in_flight: 3,
+                up: true,
+                foreign: 2,
+                latency: qosroute_core::LatencyModel::paper(1e-4, 1e-7, 0.02),
+            }],
+            None,
+        );
         assert!(text.contains("qosroute_requests_total{outcome=\"shed\"} 2\n"));
         assert!(text.contains("qosroute_requests_total{outcome=\"completed\"} 0\n"));
         assert!(text.contains("qosroute_expert_in_flight{expert=\"a\\\"b\"} 3\n"));
+        assert!(text.contains("qosroute_expert_foreign_requests{expert=\"a\\\"b\"} 2\n"));
         assert!(text.contains("qosroute_qos_sum 0.5\n"));
         assert!(
             text.contains("qosroute_expert_decode_t0_seconds{expert=\"a\\\"b\"} 0.02\n"),
             "{text}"
         );
         assert_eq!(m.outcomes(Outcome::Shed), 2);
+        assert!(
+            !text.contains("qosroute_host_"),
+            "no telemetry, no host gauges"
+        );
+    }
+
+    #[test]
+    fn host_gauges_show_what_is_known_and_leave_out_what_is_not() {
+        let mut host = HostSample::unknown(std::time::Instant::now());
+        host.memory_used = Some(0.25);
+        host.temperatures_c = vec![("cpu-thermal".into(), 51.5)];
+        host.gpus = vec![
+            qosroute_telemetry::GpuSample {
+                utilisation: Some(0.75),
+                ..qosroute_telemetry::GpuSample::unknown("tegra:17000000.gpu")
+            },
+            qosroute_telemetry::GpuSample::unknown("nvml0:X"),
+        ];
+        let text = Metrics::default().render(&[], Some(&host));
+        assert!(text.contains("qosroute_host_memory_used 0.25\n"), "{text}");
+        assert!(text.contains("qosroute_host_temperature_celsius{sensor=\"cpu-thermal\"} 51.5\n"));
+        assert!(text.contains("qosroute_host_gpu_utilisation{gpu=\"tegra:17000000.gpu\"} 0.75\n"));
+        assert!(
+            !text.contains("qosroute_host_cpu_utilisation"),
+            "unknown CPU is absent, not 0"
+        );
+        assert!(
+            !text.contains("nvml0:X"),
+            "a GPU of which nothing is known has no values"
+        );
     }
 }

@@ -100,8 +100,10 @@ impl Router {
     ) -> Result<Self, RouterError> {
         let profiles = config.profiles();
         let mut ledger = Ledger::new(&profiles);
+        ledger.host_busy_above = config.telemetry.host_busy_above;
         for (book, e) in ledger.experts.iter_mut().zip(&config.experts) {
             book.reports_load = Config::reports_load(e);
+            book.host_device = e.host_device();
         }
         Ok(Self {
             model,
@@ -156,8 +158,11 @@ impl Router {
             });
             calibrators.push(kept.or_else(|| LatencyCalibrator::new(p).ok()));
         }
+        ledger.host_busy_above = config.telemetry.host_busy_above;
+        ledger.host = self.ledger.host.take();
         for ((new, p), e) in profiles.iter().enumerate().zip(&config.experts) {
             ledger.experts[new].reports_load = Config::reports_load(e);
+            ledger.experts[new].host_device = e.host_device();
             if let Some(old) = self.ledger.index_of(&p.name) {
                 ledger.experts[new].in_flight =
                     std::mem::take(&mut self.ledger.experts[old].in_flight);

@@ -779,3 +779,62 @@ async fn an_invalid_model_file_falls_back_to_qos_greedy_and_counts_it() {
     assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
     assert_eq!(daemon.metric("qosroute_policy_fallbacks_total"), Some(1.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_telemetry_feeds_local_experts_and_an_unobservable_device_counts_as_saturated() {
+    let broker = Broker::start();
+    let here = expert("here", Faults::default()).await;
+    let gpu = expert("gpu-here", Faults::default()).await;
+    let mut cfg = config(&broker, &[], "").replace(
+        "stale_after_s = 2.0",
+        "stale_after_s = 2.0\nhost_busy_above = 1.0",
+    );
+    let local = |section: String, device: &str| {
+        section.replace(
+            "max_slots = 8\n",
+            &format!("max_slots = 8\nlocal = true\ndevice = \"{device}\"\n"),
+        )
+    };
+    cfg.push_str(&local(expert_section(&here, "here"), "cpu"));
+    // This host has no GPU of that name: its load is unknown, so never idle.
+    cfg.push_str(&local(expert_section(&gpu, "gpu-here"), "gpu:no-such-gpu"));
+    let daemon = Daemon::start(&cfg);
+    until_up(&daemon, &["here", "gpu-here"]).await;
+    let foreign = |name: &str| {
+        daemon
+            .metric(&format!(
+                "qosroute_expert_foreign_requests{{expert=\"{name}\"}}"
+            ))
+            .unwrap()
+    };
+    // CPU utilisation needs two readings 200 ms apart: until then it is unknown (saturated).
+    let mut cpu = None;
+    for _ in 0..100 {
+        cpu = daemon.metric("qosroute_host_cpu_utilisation");
+        if cpu.is_some() && foreign("here") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu = cpu.unwrap_or_else(|| panic!("no host CPU reading:\n{}", daemon.metrics()));
+    assert!((0.0..=1.0).contains(&cpu), "{cpu}");
+    assert!(daemon.metric("qosroute_host_memory_used").is_some());
+    assert_eq!(foreign("here"), 0.0, "a known, not-taken CPU adds no load");
+    assert_eq!(foreign("gpu-here"), 8.0, "an unobservable GPU is saturated");
+    assert!(daemon.log_text().contains("host telemetry detected"));
+
+    let topic = format!("qosroute/v1/{SITE}/resp/dev-h");
+    let mut device = Device::connect(broker.port, "dev-h", &[&topic]).await;
+    for i in 0..3 {
+        let id = format!("h{i}");
+        device
+            .publish(
+                &format!("qosroute/v1/{SITE}/req/dev-h"),
+                encode(&request(&id, true), Encoding::Json),
+                PublishProperties::default(),
+            )
+            .await;
+        let got = replies(&mut device, &id, Encoding::Json).await;
+        assert!(matches!(got.last().unwrap().0, Reply::Final(_)), "{got:?}");
+    }
+}
