@@ -7,7 +7,7 @@
 //!
 //! Sizes are bucketed so few plans serve every graph: the expert count is exact (it is the
 //! action space), the running and waiting node counts are padded up to the next bucket
-//! (8, 12, 16, 24, 32, 48, ...: powers of two and their midpoints) with zero-feature nodes that
+//! (8, 16, 32, 64, ...: powers of two) with zero-feature nodes that
 //! have no edge, which the network's masks make exactly inert. Plans are compiled on first use
 //! (tens of ms) and kept in a small least-recently-used cache. If inference fails the policy
 //! falls back to `qos-greedy` and counts the fallback.
@@ -60,12 +60,13 @@ fn tensor(shape: &[usize], data: &[f32]) -> Result<Tensor, OnnxError> {
     Tensor::from_shape(shape, data).map_err(model_error)
 }
 
-/// The padded size of a node set of `n` nodes: the smallest of 8, 12, 16, 24, 32, 48, ... that
-/// holds it (at most 1.5x the nodes, so at most 1.5x the per-node work).
+/// The padded size of a node set of `n` nodes: the smallest power of two, at least 8, that
+/// holds it. Every distinct size is a plan to compile (tens of milliseconds) and to keep
+/// (about 2 MB), so buckets are coarse: the gateway sees a handful of sizes, all compiled at
+/// load by [`OnnxPolicy::prepare`]. (Buckets at 1.5x steps made decisions at most ~20 % faster
+/// but tripled the sizes seen, which overflowed the plan cache.)
 pub fn node_bucket(n: usize) -> usize {
-    let n = n.max(8);
-    let pow = n.next_power_of_two();
-    if pow / 4 * 3 >= n { pow / 4 * 3 } else { pow }
+    n.max(8).next_power_of_two()
 }
 
 /// Graph sizes a plan is compiled for: experts (exact), running and waiting nodes (bucketed).
@@ -148,16 +149,19 @@ impl OnnxPolicy {
 
     /// Compiles ahead of time the plans that decisions over `experts` experts with up to
     /// `running` running nodes will most likely use (every running-node bucket up to
-    /// `node_bucket(running)`, with the smallest waiting bucket), so that the first decisions
-    /// do not pay tens of milliseconds each. At most [`MAX_CACHED_PLANS`] are compiled;
-    /// returns how many were.
+    /// `node_bucket(running)`, with the two smallest waiting buckets), so that decisions do
+    /// not pay tens of milliseconds each the first time. At most [`MAX_CACHED_PLANS`] are
+    /// compiled; returns how many were.
     pub fn prepare(&mut self, experts: usize, running: usize) -> Result<usize, OnnxError> {
         let top = node_bucket(running);
+        let waiting = [node_bucket(0), node_bucket(node_bucket(0) + 1)];
         let mut sizes = Vec::new();
-        let mut r = node_bucket(0);
-        while r <= top && sizes.len() < MAX_CACHED_PLANS {
-            sizes.push((experts, r, node_bucket(0)));
-            r = node_bucket(r + 1);
+        for w in waiting {
+            let mut r = node_bucket(0);
+            while r <= top && sizes.len() < MAX_CACHED_PLANS {
+                sizes.push((experts, r, w));
+                r = node_bucket(r + 1);
+            }
         }
         let before = self.plans_compiled;
         for size in sizes {
@@ -336,17 +340,15 @@ mod tests {
     }
 
     #[test]
-    fn node_buckets_hold_the_nodes_with_at_most_half_again_of_padding() {
+    fn node_buckets_are_powers_of_two_from_8_that_hold_the_nodes() {
         assert_eq!(node_bucket(0), 8);
-        assert_eq!(node_bucket(1), 8);
-        assert_eq!(node_bucket(9), 12);
-        assert_eq!(node_bucket(12), 12);
-        assert_eq!(node_bucket(13), 16);
+        assert_eq!(node_bucket(8), 8);
+        assert_eq!(node_bucket(9), 16);
         assert_eq!(node_bucket(100), 128);
-        assert_eq!(node_bucket(96), 96);
-        for n in 1..5000 {
+        for n in 0..5000 {
             let b = node_bucket(n);
-            assert!(b >= n && (n < 8 || b * 2 <= n * 3), "n {n} bucket {b}");
+            assert!(b >= n && b.is_power_of_two() && b >= 8, "n {n} bucket {b}");
+            assert!(n <= 8 || b < 2 * n, "n {n} bucket {b}: at most double");
         }
     }
 

@@ -138,32 +138,33 @@ fn shipped_int8_model_runs_and_its_agreement_is_reported() {
 #[test]
 fn prepared_plans_are_not_compiled_again_by_decisions_of_those_sizes() {
     let mut policy = OnnxPolicy::load(&model_dir().join("router-f32.onnx")).unwrap();
-    // A golden case with 5 experts, 22 running and 5 waiting nodes: plan (5, 24, 8).
+    // A golden case with 5 experts, 22 running and 5 waiting nodes.
     let state = golden()
         .iter()
         .map(encoded)
         .find(|s| (s.experts, s.running, s.waiting) == (5, 22, 5))
         .expect("golden case (5, 22, 5)");
     let at_load = policy.plans_compiled();
-    // Running buckets 8, 12, 16, 24 hold up to 20 running nodes.
-    assert_eq!(policy.prepare(5, 20).unwrap(), 4);
-    assert_eq!(policy.plans_compiled(), at_load + 4);
+    // Running buckets 8, 16 and 32 hold up to 20 running nodes, each with waiting buckets 8
+    // and 16; the (5, 32, 8) plan serves the case.
+    assert_eq!(policy.prepare(5, 20).unwrap(), 6);
+    assert_eq!(policy.plans_compiled(), at_load + 6);
     assert_eq!(policy.prepare(5, 20).unwrap(), 0, "already compiled");
     policy.logits_of(&state).unwrap();
     assert_eq!(
         policy.plans_compiled(),
-        at_load + 4,
+        at_load + 6,
         "no compile at decision time"
     );
     let bigger = golden()
         .iter()
         .map(encoded)
-        .find(|s| s.running > 24)
+        .find(|s| s.running > 32)
         .expect("a case beyond the prepared buckets");
     policy.logits_of(&bigger).unwrap();
     assert_eq!(
         policy.plans_compiled(),
-        at_load + 5,
+        at_load + 7,
         "a new size compiles once"
     );
 }

@@ -657,8 +657,10 @@ async fn serve_metrics(
             };
             let line = String::from_utf8_lossy(&head[..n]);
             let response = if line.starts_with("GET /metrics") {
+                let plans_compiled;
                 let experts: Vec<crate::metrics::ExpertGauges> = {
                     let router = s.router.lock().await;
+                    plans_compiled = router.plans_compiled();
                     let now = Instant::now();
                     let stale = Duration::from_secs_f64(s.config().telemetry.stale_after_s);
                     router
@@ -676,7 +678,10 @@ async fn serve_metrics(
                         .collect()
                 };
                 let host = s.host.lock().ok().and_then(|h| h.clone());
-                let body = s.metrics.render(&experts, host.as_ref());
+                let mut body = s.metrics.render(&experts, host.as_ref());
+                body.push_str(&format!(
+                    "# HELP qosroute_policy_plans_compiled Inference plans the learned router has compiled (each takes tens of ms, once per graph size).\n# TYPE qosroute_policy_plans_compiled counter\nqosroute_policy_plans_compiled {plans_compiled}\n"
+                ));
                 format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
             } else {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()

@@ -186,6 +186,11 @@ impl Router {
         Ok(())
     }
 
+    /// Inference plans the learned model has compiled (0 without a model).
+    pub fn plans_compiled(&self) -> u64 {
+        self.model.as_ref().map_or(0, OnnxPolicy::plans_compiled)
+    }
+
     /// Name of the policy that decides now.
     pub fn policy_name(&self) -> &str {
         self.model
