@@ -63,12 +63,30 @@ impl DeviceRateLimiter {
     }
 }
 
+/// How a request stands in [`RecentRequests`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Not seen within the ttl (or forgotten after a refusal): a new request, now recorded as
+    /// in flight.
+    New,
+    /// Being served. A redelivery of it must not be acknowledged now: the acknowledgement the
+    /// request gets when its outcome is final has the same packet id and covers it, while an
+    /// acknowledgement now would make the broker forget a request that is not answered yet.
+    InFlight,
+    /// Its outcome is final: a redelivery of it is acknowledged and dropped.
+    Done,
+}
+
 /// Requests seen recently, by (device, request id): a redelivered request (the broker resends
 /// what was not yet acknowledged after a reconnect) is not served twice.
+///
+/// An entry lives `ttl` from its last change, whether the request is in flight or done (the
+/// ttl must exceed the longest a request can be served).
 #[derive(Debug)]
 pub struct RecentRequests {
     ttl: Duration,
-    seen: HashMap<(String, String), Instant>,
+    /// When each request was last recorded, and whether its outcome is final.
+    seen: HashMap<(String, String), (Instant, bool)>,
     last_sweep: Option<Instant>,
 }
 
@@ -82,24 +100,62 @@ impl RecentRequests {
         }
     }
 
-    /// Records the request; false when it was already seen within the ttl.
+    /// Records the request; false when it was already seen within the ttl (in flight or done).
     pub fn first_time(&mut self, device: &str, id: &str, now: Instant) -> bool {
+        self.admit(device, id, now) == Seen::New
+    }
+
+    /// Records a new request as in flight, or tells how a known one stands.
+    pub fn admit(&mut self, device: &str, id: &str, now: Instant) -> Seen {
+        self.sweep(now);
+        let key = (device.to_owned(), id.to_owned());
+        match self.seen.get(&key) {
+            Some((at, done)) if now.saturating_duration_since(*at) < self.ttl => {
+                if *done {
+                    Seen::Done
+                } else {
+                    Seen::InFlight
+                }
+            }
+            _ => {
+                self.seen.insert(key, (now, false));
+                Seen::New
+            }
+        }
+    }
+
+    /// The request's outcome is final (its answer or error reply is out): from now on a
+    /// redelivery of it is [`Seen::Done`].
+    pub fn finished(&mut self, device: &str, id: &str, now: Instant) {
+        self.seen
+            .insert((device.to_owned(), id.to_owned()), (now, true));
+    }
+
+    /// Forgets a request that was refused without being served (rate limited, shed): the
+    /// device may send it again with the same id, and that is a new request.
+    pub fn forget(&mut self, device: &str, id: &str) {
+        self.seen.remove(&(device.to_owned(), id.to_owned()));
+    }
+
+    /// Requests remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether no request is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn sweep(&mut self, now: Instant) {
         if self
             .last_sweep
             .is_none_or(|t| now.saturating_duration_since(t) >= self.ttl / 4)
         {
             let ttl = self.ttl;
             self.seen
-                .retain(|_, at| now.saturating_duration_since(*at) < ttl);
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
             self.last_sweep = Some(now);
-        }
-        let key = (device.to_owned(), id.to_owned());
-        match self.seen.get(&key) {
-            Some(at) if now.saturating_duration_since(*at) < self.ttl => false,
-            _ => {
-                self.seen.insert(key, now);
-                true
-            }
         }
     }
 }
@@ -133,5 +189,33 @@ mod tests {
         assert!(r.first_time("e", "1", now));
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(r.first_time("d", "1", Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_in_flight_then_done_and_a_refused_one_can_come_again() {
+        let mut r = RecentRequests::new(Duration::from_secs(10));
+        let now = Instant::now();
+        assert_eq!(r.admit("d", "1", now), Seen::New);
+        assert_eq!(r.admit("d", "1", now), Seen::InFlight);
+        r.finished("d", "1", now);
+        assert_eq!(r.admit("d", "1", now), Seen::Done);
+        assert_eq!(r.admit("d", "2", now), Seen::New);
+        r.forget("d", "2");
+        assert_eq!(
+            r.admit("d", "2", now),
+            Seen::New,
+            "a refused request may be retried"
+        );
+        // The ttl runs from the last change.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        r.finished("d", "2", Instant::now());
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let now = Instant::now();
+        assert_eq!(r.admit("d", "2", now), Seen::Done);
+        assert_eq!(r.admit("d", "1", now), Seen::New, "expired");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(r.admit("e", "1", Instant::now()), Seen::New);
+        assert_eq!(r.len(), 1, "old entries are swept");
+        assert!(!r.is_empty());
     }
 }

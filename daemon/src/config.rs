@@ -111,7 +111,9 @@ pub struct BrokerConfig {
     #[serde(default = "default_session_expiry_s")]
     pub session_expiry_s: u32,
     /// Shared-subscription group: several gateways subscribed as `$share/{group}/...` split
-    /// the requests between them.
+    /// the requests between them. With `session_expiry_s > 0` the broker (mosquitto 2.0) keeps
+    /// sending a dead member its share, held in its session until it returns (tested); with 0
+    /// the survivors take everything at once, and what the dead member had in flight is lost.
     #[serde(default)]
     pub shared_group: Option<String>,
     /// User name.

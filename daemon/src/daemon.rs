@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{DeviceRateLimiter, RecentRequests};
+use crate::admission::{DeviceRateLimiter, RecentRequests, Seen};
 use crate::config::Config;
 use crate::link::{self, Incoming, Link};
 use crate::metrics::{Metrics, Outcome};
@@ -54,6 +54,10 @@ pub struct Shared {
     answered: std::sync::Mutex<HashMap<DeviceRequest, Answered>>,
     /// The last host telemetry sample (only taken while an expert is local).
     host: std::sync::Mutex<Option<HostSample>>,
+    /// Requests seen recently (duplicate suppression), with whether each is still in flight.
+    recent: std::sync::Mutex<RecentRequests>,
+    /// Requests being served: the places `admission.max_in_flight` bounds.
+    serving: AtomicUsize,
 }
 
 impl Shared {
@@ -77,6 +81,12 @@ impl Shared {
             Err(poisoned) => poisoned.into_inner(),
         };
         clients.get(name).cloned()
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentRequests> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Remembers which expert answered a device's request, for its feedback.
@@ -177,6 +187,8 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         next_key: AtomicU64::new(1),
         answered: std::sync::Mutex::new(HashMap::new()),
         host: std::sync::Mutex::new(None),
+        recent: std::sync::Mutex::new(RecentRequests::new(Duration::from_secs(600))),
+        serving: AtomicUsize::new(0),
     });
 
     let stop_link = CancellationToken::new();
@@ -184,6 +196,10 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let stop_background = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let (incoming_tx, incoming_rx) = mpsc::channel(1024);
+    // Know which experts are up before connecting: the broker hands over what waited in the
+    // session at once, and requests decided before the first health round would all be
+    // rejected (an expert never checked is not up). Bounded by the health probe timeout.
+    check_round(&shared).await;
     tasks.spawn(link::run_event_loop(
         eventloop,
         link.clone(),
@@ -315,7 +331,6 @@ async fn dispatch(
         config.admission.device_rate_per_s,
         config.admission.device_burst,
     );
-    let mut recent = RecentRequests::new(Duration::from_secs(600));
     let mut requests: JoinSet<()> = JoinSet::new();
     loop {
         let message = tokio::select! {
@@ -324,21 +339,14 @@ async fn dispatch(
             Some(_) = requests.join_next(), if !requests.is_empty() => continue,
         };
         let Some(message) = message else { break };
-        admit(
-            &shared,
-            message,
-            &mut limiter,
-            &mut recent,
-            &mut requests,
-            false,
-        );
+        admit(&shared, message, &mut limiter, &mut requests, false);
     }
     // Draining: what still arrives is answered with `shutting_down`; in-flight requests finish
     // (or are cut at the deadline).
     loop {
         tokio::select! {
             m = incoming.recv() => match m {
-                Some(message) => admit(&shared, message, &mut limiter, &mut recent, &mut requests, true),
+                Some(message) => admit(&shared, message, &mut limiter, &mut requests, true),
                 None => break,
             },
             r = requests.join_next() => if r.is_none() { break },
@@ -351,7 +359,6 @@ fn admit(
     shared: &Arc<Shared>,
     message: Incoming,
     limiter: &mut DeviceRateLimiter,
-    recent: &mut RecentRequests,
     requests: &mut JoinSet<()>,
     draining: bool,
 ) {
@@ -397,6 +404,8 @@ fn admit(
                   message: Incoming,
                   requests: &mut JoinSet<()>| {
         shared.metrics.count(outcome);
+        // Refused, not served: the device may send it again (the same id is a new request).
+        shared.recent().forget(&device, &id);
         let s = shared.clone();
         let route = route.clone();
         requests.spawn(async move {
@@ -424,6 +433,27 @@ fn admit(
         }
     };
     let id = request.id.as_str().to_owned();
+    let seen = shared.recent().admit(&device, &id, now);
+    match seen {
+        Seen::New => {}
+        Seen::InFlight => {
+            // The redelivery has the packet id of the request being served, whose ack (sent
+            // when its outcome is final) covers it. Acknowledging it now would let the broker
+            // forget a request that is not answered yet.
+            tracing::info!(device = %device, id = %id, in_flight = true, "duplicate request (redelivery) ignored");
+            return;
+        }
+        Seen::Done => {
+            tracing::info!(device = %device, id = %id, "duplicate request (redelivery) ignored");
+            let s = shared.clone();
+            requests.spawn(async move {
+                let _ = s.link.ack(&message).await;
+            });
+            return;
+        }
+    }
+    // After duplicates: a redelivery of a request still being served during the drain is
+    // not answered `shutting_down` (the original's answer is its one reply).
     if draining {
         return refuse(
             ErrorCode::ShuttingDown,
@@ -433,14 +463,6 @@ fn admit(
             message,
             requests,
         );
-    }
-    if !recent.first_time(&device, &id, now) {
-        tracing::info!(device = %device, id = %id, "duplicate request (redelivery) ignored");
-        let s = shared.clone();
-        requests.spawn(async move {
-            let _ = s.link.ack(&message).await;
-        });
-        return;
     }
     if request.deadline_unix_ms.is_some_and(|d| d < unix_ms_now()) {
         return refuse(
@@ -462,7 +484,7 @@ fn admit(
             requests,
         );
     }
-    if requests.len() >= config.admission.max_in_flight {
+    if shared.serving.load(Ordering::Relaxed) >= config.admission.max_in_flight {
         return refuse(
             ErrorCode::Overloaded,
             "the gateway is at capacity; retry later",
@@ -477,10 +499,41 @@ fn admit(
     } else {
         tracing::debug!(device = %device, id = %id, "request");
     }
+    let place = Place::take(shared, &device, &id);
     let s = shared.clone();
-    requests.spawn(serve::serve_request(
-        s, message, request, route, now, device,
-    ));
+    requests.spawn(async move {
+        serve::serve_request(s, message, request, route, now, device).await;
+        drop(place);
+    });
+}
+
+/// A place among `admission.max_in_flight`, held while a request is served. Dropping it (also
+/// when the task panics) frees the place and records the request as done, so that a
+/// redelivery from then on is acknowledged and dropped.
+struct Place {
+    shared: Arc<Shared>,
+    device: String,
+    id: String,
+}
+
+impl Place {
+    fn take(shared: &Arc<Shared>, device: &str, id: &str) -> Self {
+        shared.serving.fetch_add(1, Ordering::Relaxed);
+        Place {
+            shared: shared.clone(),
+            device: device.to_owned(),
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.shared.serving.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .recent()
+            .finished(&self.device, &self.id, Instant::now());
+    }
 }
 
 fn unix_ms_now() -> u64 {
@@ -512,60 +565,67 @@ async fn apply_feedback(shared: &Shared, device: &str, message: &Incoming, encod
     }
 }
 
-/// Health-checks every expert each `telemetry.scrape_interval_s`.
+/// Health-checks every expert each `telemetry.scrape_interval_s` (the first round ran before
+/// the broker link started).
 async fn check_experts(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let config = shared.config();
-        let names: Vec<String> = config.experts.iter().map(|e| e.name.clone()).collect();
-        let mut checks = JoinSet::new();
-        for name in names {
-            let reports_load = config
-                .experts
-                .iter()
-                .find(|e| e.name == name)
-                .is_some_and(Config::reports_load);
-            if let Some(client) = shared.client(&name) {
-                checks.spawn(async move {
-                    let ok = client.health().await.is_ok();
-                    let load = if ok && reports_load {
-                        client.scrape_load().await.ok()
-                    } else {
-                        None
-                    };
-                    (name, ok, load)
-                });
-            }
-        }
-        while let Some(r) = checks.join_next().await {
-            let Ok((name, ok, load)) = r else { continue };
-            let mut router = shared.router.lock().await;
-            let now = Instant::now();
-            let Some(e) = router.ledger.index_of(&name) else {
-                continue;
-            };
-            if ok {
-                router.ledger.mark_ok(e, now);
-            } else {
-                router.ledger.mark_failed(e, now, Duration::from_secs(5));
-            }
-            // A scrape without running or waiting counts is no report: the expert stays
-            // saturated in the policy's eyes until it reports.
-            if let Some(l) = load
-                && let (Some(running), Some(waiting)) = (l.running, l.waiting)
-            {
-                router.ledger.reported_load(
-                    e,
-                    crate::ledger::ReportedLoad {
-                        running,
-                        waiting,
-                        at: now,
-                    },
-                );
-            }
-        }
+        let interval = Duration::from_secs_f64(shared.config().telemetry.scrape_interval_s);
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs_f64(config.telemetry.scrape_interval_s)) => {}
+            () = tokio::time::sleep(interval) => {}
+        }
+        check_round(&shared).await;
+    }
+}
+
+/// One health check (and load scrape) of every expert of the configuration in force.
+async fn check_round(shared: &Arc<Shared>) {
+    let config = shared.config();
+    let names: Vec<String> = config.experts.iter().map(|e| e.name.clone()).collect();
+    let mut checks = JoinSet::new();
+    for name in names {
+        let reports_load = config
+            .experts
+            .iter()
+            .find(|e| e.name == name)
+            .is_some_and(Config::reports_load);
+        if let Some(client) = shared.client(&name) {
+            checks.spawn(async move {
+                let ok = client.health().await.is_ok();
+                let load = if ok && reports_load {
+                    client.scrape_load().await.ok()
+                } else {
+                    None
+                };
+                (name, ok, load)
+            });
+        }
+    }
+    while let Some(r) = checks.join_next().await {
+        let Ok((name, ok, load)) = r else { continue };
+        let mut router = shared.router.lock().await;
+        let now = Instant::now();
+        let Some(e) = router.ledger.index_of(&name) else {
+            continue;
+        };
+        if ok {
+            router.ledger.mark_ok(e, now);
+        } else {
+            router.ledger.mark_failed(e, now, Duration::from_secs(5));
+        }
+        // A scrape without running or waiting counts is no report: the expert stays
+        // saturated in the policy's eyes until it reports.
+        if let Some(l) = load
+            && let (Some(running), Some(waiting)) = (l.running, l.waiting)
+        {
+            router.ledger.reported_load(
+                e,
+                crate::ledger::ReportedLoad {
+                    running,
+                    waiting,
+                    at: now,
+                },
+            );
         }
     }
 }

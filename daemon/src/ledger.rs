@@ -75,6 +75,9 @@ pub struct ExpertBook {
     pub reports_load: bool,
     /// The last load it reported.
     pub reported: Option<ReportedLoad>,
+    /// Requests of this daemon in flight on it when that load was recorded: the report
+    /// counts them, not the ones in flight now.
+    pub reported_ours: usize,
     /// The latency model as configured (the profile's is refitted online).
     pub configured_latency: qosroute_core::LatencyModel,
     /// For an expert on this host, the device whose load host telemetry reports.
@@ -152,6 +155,7 @@ impl Ledger {
                     },
                     reports_load: false,
                     reported: None,
+                    reported_ours: 0,
                     configured_latency: p.latency,
                     host_device: None,
                 })
@@ -238,22 +242,24 @@ impl Ledger {
         };
         let ours = book.in_flight.len();
         let saturated = (book.profile.max_slots as usize).max(ours);
-        let mut engine_total = ours;
+        let mut foreign = 0;
         if book.reports_load {
             let fresh = book
                 .reported
                 .filter(|r| now.saturating_duration_since(r.at) <= stale_after);
-            engine_total = match fresh {
-                Some(r) => (r.running + r.waiting) as usize,
-                None => saturated,
+            foreign = match fresh {
+                // The report counted our requests of its time, not those of now: ours that
+                // finished since are not someone else's, and ours started since are not in it.
+                Some(r) => ((r.running + r.waiting) as usize).saturating_sub(book.reported_ours),
+                None => saturated - ours,
             };
         }
         if let Some(device) = &book.host_device
             && self.host_device_taken(device, ours == 0, now, stale_after)
         {
-            engine_total = saturated;
+            foreign = saturated - ours;
         }
-        engine_total.saturating_sub(ours)
+        foreign
     }
 
     /// Whether a local expert's `device` is unavailable to new work at `now`: its load is
@@ -286,6 +292,7 @@ impl Ledger {
     pub fn reported_load(&mut self, e: usize, load: ReportedLoad) {
         if let Some(b) = self.experts.get_mut(e) {
             b.reported = Some(load);
+            b.reported_ours = b.in_flight.len();
         }
     }
 

@@ -168,6 +168,7 @@ impl Router {
                     std::mem::take(&mut self.ledger.experts[old].in_flight);
                 ledger.experts[new].health = self.ledger.experts[old].health.clone();
                 ledger.experts[new].reported = self.ledger.experts[old].reported;
+                ledger.experts[new].reported_ours = self.ledger.experts[old].reported_ours;
             }
         }
         self.ledger = ledger;
