@@ -198,6 +198,8 @@ pub async fn run_event_loop(
     let (min, max) = backoff;
     let mut delay = min;
     let mut to_subscribe: Vec<String> = Vec::new();
+    // Set once this daemon has sent DISCONNECT: the connection closing is then the goodbye.
+    let mut leaving = false;
     loop {
         let event = tokio::select! {
             () = cancel.cancelled() => break,
@@ -224,7 +226,12 @@ pub async fn run_event_loop(
                     break;
                 }
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => leaving = true,
             Ok(_) => {}
+            Err(error) if leaving => {
+                tracing::info!(%error, "disconnected from the broker");
+                break;
+            }
             Err(error) => {
                 tracing::warn!(%error, retry_in_s = delay.as_secs_f64(), "broker connection lost");
                 tokio::select! {

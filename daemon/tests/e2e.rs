@@ -466,6 +466,11 @@ async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
         "log:\n{}",
         daemon.log_text()
     );
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("broker connection lost"),
+        "its own DISCONNECT is not a lost connection:\n{log}"
+    );
 }
 
 #[test]
