@@ -97,6 +97,9 @@ fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
     if !nesting_within(bytes, MAX_JSON_DEPTH) {
         return Err(DecodeError::malformed("JSON nested too deeply"));
     }
+    if !crate::json_syntax::is_well_formed(bytes, MAX_JSON_DEPTH) {
+        return Err(DecodeError::malformed("not well-formed JSON"));
+    }
     match serde_json_core::from_slice::<T>(bytes) {
         Ok((value, _)) => Ok(value),
         Err(error) => {

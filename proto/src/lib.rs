@@ -22,6 +22,7 @@ mod codec;
 mod encoding;
 mod error;
 mod json;
+mod json_syntax;
 mod message;
 mod postcard_wire;
 mod task;
