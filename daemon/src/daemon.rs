@@ -219,6 +219,8 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("metrics.listen {addr}"))?;
+        // The bound address, for `listen = "...:0"` (any free port).
+        let addr = listener.local_addr().unwrap_or(addr);
         tracing::info!(%addr, "metrics endpoint");
         tasks.spawn(serve_metrics(
             shared.clone(),

@@ -366,6 +366,37 @@ pub struct Daemon {
     _dir: Scratch,
 }
 
+/// The port of the daemon's metrics endpoint, read from its log once it is bound.
+fn bound_metrics_port(log: &std::path::Path, pid: u32) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(port) = text
+            .lines()
+            .find(|l| l.contains("metrics endpoint"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+        {
+            return port;
+        }
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ");
+        assert!(
+            alive,
+            "qosrouted exited before serving metrics; log:\n{text}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "qosrouted did not bind its metrics endpoint; log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Daemon {
     /// Starts `qosrouted --config` with `config` (TOML text; `{metrics_port}` is substituted).
     pub fn start(config: &str) -> Self {
@@ -375,13 +406,10 @@ impl Daemon {
     /// [`Daemon::start`] with extra environment variables for the process.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = Scratch::new("daemon");
-        let metrics_port = free_port();
         let path = dir.path("qosrouted.toml");
-        std::fs::write(
-            &path,
-            config.replace("{metrics_port}", &metrics_port.to_string()),
-        )
-        .unwrap();
+        // Port 0: the daemon binds any free port and logs it (a port picked here could be
+        // taken by another test before the daemon binds it).
+        std::fs::write(&path, config.replace("{metrics_port}", "0")).unwrap();
         let log = dir.path("qosrouted.log");
         let child = Command::new(env!("CARGO_BIN_EXE_qosrouted"))
             .arg("--config")
@@ -392,7 +420,7 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        wait_for_port(metrics_port, "qosrouted metrics");
+        let metrics_port = bound_metrics_port(&log, child.id());
         Daemon {
             child,
             log,
