@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{DeviceRateLimiter, RecentRequests, Seen};
 use crate::config::Config;
-use crate::link::{self, Incoming, Link};
+use crate::link::{self, Incoming, Lane, Link};
 use crate::metrics::{Metrics, Outcome};
 use crate::router::Router;
 use crate::serve::{self, ReplyRoute};
@@ -176,7 +176,13 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let router = Router::new(&config, load_model(&config), epoch)?;
     tracing::info!(policy = router.policy_name(), experts = config.experts.len(), site = %config.site, "starting");
-    let (link, eventloop) = link::connect(&config.broker).context("broker")?;
+    let parts = link::connect(
+        &config.broker,
+        link::receive_maximum(config.admission.max_in_flight),
+        metrics.clone(),
+    )
+    .context("broker")?;
+    let link = parts.link;
     let shared = Arc::new(Shared {
         config: RwLock::new(config.clone()),
         router: Mutex::new(router),
@@ -200,9 +206,10 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     // session at once, and requests decided before the first health round would all be
     // rejected (an expert never checked is not up). Bounded by the health probe timeout.
     check_round(&shared).await;
+    tasks.spawn(parts.publisher);
     tasks.spawn(link::run_event_loop(
-        eventloop,
-        link.clone(),
+        parts.eventloop,
+        parts.subscriber,
         vec![config.request_filter(), config.feedback_filter()],
         incoming_tx,
         metrics.clone(),
@@ -371,7 +378,7 @@ fn admit(
         tracing::debug!(%topic, "not a qosroute topic");
         let s = shared.clone();
         requests.spawn(async move {
-            let _ = s.link.ack(&message).await;
+            let _ = s.link.ack(&message, Lane::Refusals).await;
         });
         return;
     };
@@ -388,7 +395,7 @@ fn admit(
         let s = shared.clone();
         requests.spawn(async move {
             apply_feedback(&s, &device, &message, encoding).await;
-            let _ = s.link.ack(&message).await;
+            let _ = s.link.ack(&message, Lane::Refusals).await;
         });
         return;
     }
@@ -398,6 +405,12 @@ fn admit(
             .unwrap_or_else(|| topics::reply_topic(&config.site, &device)),
         correlation_data: props.and_then(|p| p.correlation_data.clone()),
         encoding,
+        lane: Lane::Served,
+    };
+    // Refusals are published after the messages of requests being served.
+    let refusal = ReplyRoute {
+        lane: Lane::Refusals,
+        ..route.clone()
     };
     let refuse = |code: ErrorCode,
                   text: &'static str,
@@ -409,10 +422,10 @@ fn admit(
         // Refused, not served: the device may send it again (the same id is a new request).
         shared.recent().forget(&device, &id);
         let s = shared.clone();
-        let route = route.clone();
+        let route = refusal.clone();
         requests.spawn(async move {
             serve::send_error(&s, &route, &id, code, text).await;
-            let _ = s.link.ack(&message).await;
+            let _ = s.link.ack(&message, Lane::Refusals).await;
         });
     };
     let request = match proto::decode_request(&message.publish.payload, encoding) {
@@ -424,12 +437,12 @@ fn admit(
             tracing::info!(device = %device, %error, "undecodable request");
             let code = error.code();
             let s = shared.clone();
-            let route = route.clone();
+            let route = refusal.clone();
             shared.metrics.count(Outcome::Malformed);
             let text = error.to_string();
             requests.spawn(async move {
                 serve::send_error(&s, &route, &id, code, &text).await;
-                let _ = s.link.ack(&message).await;
+                let _ = s.link.ack(&message, Lane::Refusals).await;
             });
             return;
         }
@@ -449,7 +462,7 @@ fn admit(
             tracing::info!(device = %device, id = %id, "duplicate request (redelivery) ignored");
             let s = shared.clone();
             requests.spawn(async move {
-                let _ = s.link.ack(&message).await;
+                let _ = s.link.ack(&message, Lane::Refusals).await;
             });
             return;
         }

@@ -13,6 +13,13 @@
 //! Requests are QoS 1 with manual acks: a request is acknowledged to the broker only when its
 //! outcome is final (answer or error reply published), so a daemon that dies mid-request gets
 //! it again from its persistent session.
+//!
+//! Replies and acks go through one publisher task, in two lanes: the messages of requests
+//! being served first, refusals (shed, malformed, rate limited, duplicates) after. Thousands of
+//! request tasks never wait on rumqttc's own channel at once (its queue of waiting senders is
+//! scanned linearly, which made a burst of 20,000 requests quadratic), and under overload the
+//! answers of admitted requests do not queue behind thousands of `overloaded` replies. Within
+//! a lane the order is kept, so a request's reply always precedes its ack.
 
 use std::time::Duration;
 
@@ -20,7 +27,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
@@ -71,8 +78,20 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), LinkError> {
     Ok((host.to_owned(), port, tls))
 }
 
-/// The rumqttc options of a broker configuration.
-pub fn mqtt_options(config: &BrokerConfig) -> Result<MqttOptions, LinkError> {
+/// The MQTT 5 receive maximum for a gateway that serves at most `max_in_flight` requests at
+/// once: requests are acknowledged when their outcome is final, so this bounds what the broker
+/// hands over unacknowledged. Twice the places lets the gateway see (and answer `overloaded`)
+/// an excess without the broker flooding it faster than it can reply; the rest waits in the
+/// broker.
+pub fn receive_maximum(max_in_flight: usize) -> u16 {
+    u16::try_from(max_in_flight.saturating_mul(2))
+        .unwrap_or(u16::MAX)
+        .max(16)
+}
+
+/// The rumqttc options of a broker configuration, receiving at most `receive_maximum`
+/// unacknowledged publishes.
+pub fn mqtt_options(config: &BrokerConfig, receive_maximum: u16) -> Result<MqttOptions, LinkError> {
     let (host, port, tls) = parse_broker_url(&config.url)?;
     let mut options = MqttOptions::new(config.client_id.clone(), host, port);
     options
@@ -80,7 +99,7 @@ pub fn mqtt_options(config: &BrokerConfig) -> Result<MqttOptions, LinkError> {
         .set_clean_start(config.session_expiry_s == 0)
         .set_session_expiry_interval(Some(config.session_expiry_s))
         .set_manual_acks(true)
-        .set_receive_maximum(Some(u16::MAX))
+        .set_receive_maximum(Some(receive_maximum))
         .set_max_packet_size(Some(256 * 1024));
     if let Some(user) = &config.username {
         let password = match &config.password_env {
@@ -131,11 +150,36 @@ impl Incoming {
     }
 }
 
+/// Which lane of the publisher a message takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Chunks, finals, errors and acks of requests being served: published first.
+    Served,
+    /// Refusals (shed, rate limited, malformed, expired, shutting down), duplicate and
+    /// feedback acks: published when the served lane is empty.
+    Refusals,
+}
+
+/// What the publisher task hands to rumqttc.
+#[derive(Debug)]
+enum Op {
+    Publish(Outgoing),
+    Ack(Box<Publish>),
+    /// Publishes everything queued in both lanes, then DISCONNECT; answers when done.
+    Disconnect(oneshot::Sender<()>),
+}
+
 /// Publishing side of the link; cheap to clone into request tasks.
 #[derive(Debug, Clone)]
 pub struct Link {
-    client: AsyncClient,
+    served: mpsc::Sender<Op>,
+    refusals: mpsc::Sender<Op>,
 }
+
+/// The publisher task is gone (the daemon is stopping).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the MQTT publisher has stopped")]
+pub struct LinkClosed;
 
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,42 +197,156 @@ pub struct Outgoing {
 }
 
 impl Link {
-    /// Publishes at QoS 1. Waits while rumqttc's request channel is full (the event loop task
-    /// drains it); fails only when the event loop is gone.
-    pub async fn publish(&self, out: Outgoing) -> Result<(), rumqttc::v5::ClientError> {
-        let properties = PublishProperties {
-            correlation_data: out.correlation_data,
-            content_type: out.content_type,
-            message_expiry_interval: out.expiry_s,
-            ..PublishProperties::default()
-        };
-        self.client
-            .publish_with_properties(out.topic, QoS::AtLeastOnce, false, out.payload, properties)
+    fn lane(&self, lane: Lane) -> &mpsc::Sender<Op> {
+        match lane {
+            Lane::Served => &self.served,
+            Lane::Refusals => &self.refusals,
+        }
+    }
+
+    /// Queues a QoS 1 publish in `lane`. Waits while the lane is full; fails only when the
+    /// publisher task is gone.
+    pub async fn publish(&self, out: Outgoing, lane: Lane) -> Result<(), LinkClosed> {
+        self.lane(lane)
+            .send(Op::Publish(out))
             .await
+            .map_err(|_| LinkClosed)
     }
 
-    /// Acknowledges a request to the broker (its outcome is final).
-    pub async fn ack(&self, incoming: &Incoming) -> Result<(), rumqttc::v5::ClientError> {
-        self.client.ack(&incoming.publish).await
+    /// Queues the acknowledgement of a request (its outcome is final) in `lane`, after what
+    /// that lane already holds.
+    pub async fn ack(&self, incoming: &Incoming, lane: Lane) -> Result<(), LinkClosed> {
+        self.lane(lane)
+            .send(Op::Ack(Box::new(incoming.publish.clone())))
+            .await
+            .map_err(|_| LinkClosed)
     }
 
-    /// Sends DISCONNECT (at shutdown).
-    pub async fn disconnect(&self) -> Result<(), rumqttc::v5::ClientError> {
-        self.client.disconnect().await
+    /// Publishes what both lanes hold, then sends DISCONNECT (at shutdown).
+    pub async fn disconnect(&self) -> Result<(), LinkClosed> {
+        let (done, finished) = oneshot::channel();
+        self.served
+            .send(Op::Disconnect(done))
+            .await
+            .map_err(|_| LinkClosed)?;
+        finished.await.map_err(|_| LinkClosed)
     }
 }
 
-/// Creates the link: the publishing side and the event loop to hand to [`run_event_loop`].
-pub fn connect(config: &BrokerConfig) -> Result<(Link, EventLoop), LinkError> {
-    let (client, eventloop) = AsyncClient::new(mqtt_options(config)?, REQUEST_CHANNEL);
-    Ok((Link { client }, eventloop))
+/// Capacity of each publisher lane.
+const LANE_CAPACITY: usize = 4096;
+
+/// Hands the lanes' messages to rumqttc, the served lane first, until DISCONNECT or until
+/// every [`Link`] is dropped. A publish rumqttc refuses (its event loop is gone) is counted in
+/// `replies_dropped`.
+async fn run_publisher(
+    client: AsyncClient,
+    mut served: mpsc::Receiver<Op>,
+    mut refusals: mpsc::Receiver<Op>,
+    metrics: std::sync::Arc<Metrics>,
+) {
+    let forward = async |op: Op| -> Option<oneshot::Sender<()>> {
+        let ok = match op {
+            Op::Publish(out) => {
+                let properties = PublishProperties {
+                    correlation_data: out.correlation_data,
+                    content_type: out.content_type,
+                    message_expiry_interval: out.expiry_s,
+                    ..PublishProperties::default()
+                };
+                client
+                    .publish_with_properties(
+                        out.topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        out.payload,
+                        properties,
+                    )
+                    .await
+                    .is_ok()
+            }
+            Op::Ack(publish) => client.ack(&publish).await.is_ok(),
+            Op::Disconnect(done) => return Some(done),
+        };
+        if !ok {
+            metrics
+                .replies_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        None
+    };
+    loop {
+        let op = tokio::select! {
+            biased;
+            Some(op) = served.recv() => op,
+            Some(op) = refusals.recv() => op,
+            else => return,
+        };
+        let Some(done) = forward(op).await else {
+            continue;
+        };
+        // Shutting down: what is queued goes out first.
+        let mut pending = Vec::new();
+        while let Ok(op) = served.try_recv() {
+            pending.push(op);
+        }
+        while let Ok(op) = refusals.try_recv() {
+            pending.push(op);
+        }
+        let mut waiting = vec![done];
+        for op in pending {
+            waiting.extend(forward(op).await);
+        }
+        let _ = client.disconnect().await;
+        for done in waiting {
+            let _ = done.send(());
+        }
+        return;
+    }
+}
+
+/// Creates the link: the publishing side, the event loop to hand to [`run_event_loop`], and
+/// the publisher task (to spawn) that feeds rumqttc from the link's two lanes.
+pub fn connect(
+    config: &BrokerConfig,
+    receive_maximum: u16,
+    metrics: std::sync::Arc<Metrics>,
+) -> Result<LinkParts<impl Future<Output = ()> + Send + 'static>, LinkError> {
+    let (client, eventloop) =
+        AsyncClient::new(mqtt_options(config, receive_maximum)?, REQUEST_CHANNEL);
+    let (served_tx, served_rx) = mpsc::channel(LANE_CAPACITY);
+    let (refusals_tx, refusals_rx) = mpsc::channel(LANE_CAPACITY);
+    let link = Link {
+        served: served_tx,
+        refusals: refusals_tx,
+    };
+    let publisher = run_publisher(client.clone(), served_rx, refusals_rx, metrics);
+    Ok(LinkParts {
+        link,
+        eventloop,
+        subscriber: client,
+        publisher,
+    })
+}
+
+/// What [`connect`] makes.
+#[allow(missing_debug_implementations)] // EventLoop and the publisher future are not Debug.
+pub struct LinkParts<P> {
+    /// The publishing side, for request tasks.
+    pub link: Link,
+    /// The event loop, for [`run_event_loop`].
+    pub eventloop: EventLoop,
+    /// The client [`run_event_loop`] subscribes with.
+    pub subscriber: AsyncClient,
+    /// The publisher task, to spawn.
+    pub publisher: P,
 }
 
 /// Polls the event loop until `cancel`: forwards request and feedback publishes to `incoming`,
 /// (re)subscribes `filters` after every session-less CONNACK, backs off between failed polls.
 pub async fn run_event_loop(
     mut eventloop: EventLoop,
-    link: Link,
+    subscriber: AsyncClient,
     filters: Vec<String>,
     incoming: mpsc::Sender<Incoming>,
     metrics: std::sync::Arc<Metrics>,
@@ -242,7 +400,7 @@ pub async fn run_event_loop(
             }
         }
         to_subscribe.retain(|filter| {
-            match link.client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+            match subscriber.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
                 Ok(()) => {
                     tracing::info!(filter = %filter, "subscribed");
                     false

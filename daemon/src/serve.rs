@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::daemon::Shared;
 use crate::ledger::Dispatched;
-use crate::link::{Incoming, Outgoing};
+use crate::link::{Incoming, Lane, Outgoing};
 use crate::metrics::Outcome;
 
 /// Where and how replies to one request go.
@@ -24,6 +24,8 @@ pub struct ReplyRoute {
     pub correlation_data: Option<bytes::Bytes>,
     /// Encoding of the request, used for its replies.
     pub encoding: Encoding,
+    /// The publisher lane of its replies: served requests first, refusals after.
+    pub lane: Lane,
 }
 
 /// Tokens collected before a chunk is published (streaming), at most.
@@ -59,7 +61,7 @@ pub async fn send(shared: &Shared, route: &ReplyRoute, reply: &proto::Reply) {
         content_type: Some(route.encoding.content_type().to_owned()),
         expiry_s: None,
     };
-    if shared.link.publish(out).await.is_err() {
+    if shared.link.publish(out, route.lane).await.is_err() {
         shared
             .metrics
             .replies_dropped
@@ -92,7 +94,7 @@ pub async fn serve_request(
 ) {
     let outcome = serve(&shared, &request, &route, arrived_at, &device).await;
     shared.metrics.count(outcome);
-    if shared.link.ack(&incoming).await.is_err() {
+    if shared.link.ack(&incoming, route.lane).await.is_err() {
         tracing::debug!("ack not sent: the broker link is gone (the broker will redeliver)");
     }
 }
