@@ -46,9 +46,14 @@ pub fn estimate_prompt_tokens(prompt: &str) -> u32 {
 
 /// Encodes and publishes one reply; counts it as dropped if the link is gone.
 pub async fn send(shared: &Shared, route: &ReplyRoute, reply: &proto::Reply) {
-    let mut buf = vec![0u8; proto::MAX_FRAME_BYTES];
-    let payload = match proto::encode_reply(reply, route.encoding, &mut buf) {
-        Ok(n) => buf[..n].to_vec(),
+    // The frame-sized scratch buffer is gone before the publish waits (a lane can be full
+    // while thousands of replies wait).
+    let encoded = {
+        let mut buf = vec![0u8; proto::MAX_FRAME_BYTES];
+        proto::encode_reply(reply, route.encoding, &mut buf).map(|n| buf[..n].to_vec())
+    };
+    let payload = match encoded {
+        Ok(p) => p,
         Err(error) => {
             tracing::error!(%error, "reply does not encode");
             return;
