@@ -1,6 +1,8 @@
-//! `qosroute`: the workstation tool. Simulate one routing policy, or compare several.
+//! `qosroute`: the workstation tool. Simulate one routing policy, or compare several; run the
+//! whole system as a demo.
 
 mod compare;
+mod demo;
 mod emulate;
 mod plot;
 mod table;
@@ -29,6 +31,10 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Train the learned router (PyTorch, against this simulator) and export it to ONNX.
     Train(train::TrainArgs),
+    /// The whole system on this machine in about a minute: a broker, the emulated edge-mixed
+    /// experts, the real qosrouted and a swarm of devices replaying the Azure conversation
+    /// trace; a live view, then a table, JSON and plots.
+    Demo(demo::DemoArgs),
     /// Serve the experts of a catalogue as OpenAI-compatible servers driven by the simulator's
     /// engine in real time, until SIGINT or SIGTERM.
     Emulate(emulate::EmulateArgs),
@@ -114,6 +120,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::run(args),
         Command::Train(args) => train::run(args),
         Command::Emulate(args) => emulate::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -230,6 +230,93 @@ pub fn policy_bars(
     root.present().map_err(|e| draw_err(path, e))
 }
 
+/// One series of a grouped bar chart: a name (legend) and one value per group (NaN: no bar).
+#[derive(Debug, Clone)]
+pub struct BarSeries {
+    /// Series name, shown in the legend.
+    pub name: String,
+    /// One value per group, in group order.
+    pub values: Vec<f64>,
+}
+
+/// Grouped bar chart: one group per category (x axis), one bar per series inside each group,
+/// coloured by series, with a legend (e.g. each expert's share of the requests, per policy).
+pub fn grouped_bars(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    groups: &[String],
+    series: &[BarSeries],
+) -> Result<(), PlotError> {
+    if groups.is_empty() || series.is_empty() {
+        return Err(empty(path, "no groups or no series"));
+    }
+    let max_chars = groups.iter().map(|g| g.chars().count()).max().unwrap_or(0) as u32;
+    let slot = (max_chars * 7 + 16).max(30 * series.len() as u32 + 20);
+    let legend_chars = series
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    let legend_w = legend_chars * 8 + 50;
+    let plot_w = (groups.len() as u32 * slot + 110).max(480);
+    let top = y_top(
+        series
+            .iter()
+            .flat_map(|s| s.values.iter().map(|v| (*v, 0.0))),
+    );
+    let root = SVGBackend::new(path, (plot_w + legend_w, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
+    let body = root
+        .titled(title, (FONT, 22))
+        .map_err(|e| draw_err(path, e))?;
+    let (plot_area, legend_area) = body.split_horizontally(plot_w);
+    let mut chart = ChartBuilder::on(&plot_area)
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(Categories(groups.to_vec()), 0.0..top)
+        .map_err(|e| draw_err(path, e))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
+        .x_labels(groups.len())
+        .x_label_style((FONT, 12))
+        .y_label_style((FONT, 13))
+        .y_desc(y_label)
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    let area = chart.plotting_area();
+    let width = 0.8 / series.len() as f64;
+    for (k, s) in series.iter().enumerate() {
+        for (i, v) in s.values.iter().enumerate().take(groups.len()) {
+            if !v.is_finite() {
+                continue;
+            }
+            let left = i as f64 - 0.4 + k as f64 * width;
+            let rect = Rectangle::new(
+                [(left, 0.0), (left + width * 0.9, v.clamp(0.0, top))],
+                color(k).mix(0.85).filled(),
+            );
+            area.draw(&rect).map_err(|e| draw_err(path, e))?;
+        }
+    }
+    for (k, s) in series.iter().enumerate() {
+        let (x, y) = (10, 30 + 24 * k as i32);
+        let entry = EmptyElement::at((x, y))
+            + Rectangle::new([(0, -6), (20, 6)], color(k).mix(0.85).filled())
+            + Text::new(
+                s.name.clone(),
+                (28, 0),
+                TextStyle::from((FONT, 14)).pos(Pos::new(HPos::Left, VPos::Center)),
+            );
+        legend_area.draw(&entry).map_err(|e| draw_err(path, e))?;
+    }
+    root.present().map_err(|e| draw_err(path, e))
+}
+
 /// One line (with point markers and ±std error bars) per policy over the sweep variable, with a legend.
 pub fn sweep_curves(
     path: &Path,
@@ -437,6 +524,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(check(&a, &POLICIES[..5]), check(&b, &POLICIES[..5]));
+    }
+
+    #[test]
+    fn grouped_bars_render_deterministically() {
+        let dir = out_dir("grouped");
+        let groups: Vec<String> = ["rtx4090-gemma2-9b", "l4-qwen25-7b-awq", "orin-nano"]
+            .map(String::from)
+            .to_vec();
+        let series = vec![
+            BarSeries {
+                name: "han".into(),
+                values: vec![0.2, 0.5, f64::NAN],
+            },
+            BarSeries {
+                name: "qos-greedy".into(),
+                values: vec![0.3, 0.4, 0.3],
+            },
+        ];
+        let (a, b) = (dir.join("a.svg"), dir.join("b.svg"));
+        grouped_bars(&a, "Share", "share", &groups, &series).unwrap();
+        grouped_bars(&b, "Share", "share", &groups, &series).unwrap();
+        assert_eq!(
+            check(&a, &["han", "qos-greedy", "l4-qwen25-7b-awq"]),
+            check(&b, &["han"])
+        );
+        assert!(matches!(
+            grouped_bars(&dir.join("e.svg"), "t", "y", &[], &series),
+            Err(PlotError::Empty { .. })
+        ));
     }
 
     #[test]

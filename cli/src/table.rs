@@ -131,3 +131,123 @@ pub fn print_comparison(catalogue: &str, workload: &str, seeds: &[u64], rows: &[
     }
     println!();
 }
+
+/// One router's line of the demo table.
+#[derive(Debug, Clone)]
+pub struct DemoRow {
+    pub policy: String,
+    pub requests: u64,
+    pub completed: u64,
+    pub errors: u64,
+    /// Published, never answered.
+    pub lost: u64,
+    /// Never published (the run was interrupted).
+    pub not_sent: u64,
+    pub duplicated: u64,
+    pub avg_qos: f64,
+    pub slo_violation_rate: f64,
+    pub ttft_p50_s: f64,
+    pub ttft_p99_s: f64,
+    pub per_token_p50_s: f64,
+    pub per_token_p95_s: f64,
+    pub requests_per_s: f64,
+    /// Decisions the daemon's fallback made (`None`: metrics unavailable).
+    pub fallbacks: Option<f64>,
+    pub errors_by_code: std::collections::BTreeMap<String, u64>,
+}
+
+/// Each expert's share of the completed requests, per router.
+#[derive(Debug, Clone)]
+pub struct ShareTable {
+    pub policies: Vec<String>,
+    /// (expert, share per policy in `policies` order).
+    pub rows: Vec<(String, Vec<f64>)>,
+}
+
+/// Prints the demo's comparison: one line per router, the errors, each expert's share.
+pub fn print_demo(header: &str, rows: &[DemoRow], shares: &ShareTable) {
+    println!("{header}");
+    let w = rows
+        .iter()
+        .map(|r| r.policy.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:<w$}  {:>8}  {:>9}  {:>6}  {:>5}  {:>6}  {:>4}  {:>7}  {:>8}  {:>15}  {:>14}  {:>6}  {:>9}",
+        "policy",
+        "requests",
+        "completed",
+        "errors",
+        "lost",
+        "unsent",
+        "dup",
+        "avg QoS",
+        "SLO miss",
+        "TTFT p50/p99 ms",
+        "ms/tok p50/p95",
+        "req/s",
+        "fallbacks"
+    );
+    let best = rows
+        .iter()
+        .map(|r| r.avg_qos)
+        .filter(|v| v.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
+    for r in rows {
+        let marker = if rows.len() > 1 && r.avg_qos == best {
+            " *"
+        } else {
+            ""
+        };
+        println!(
+            "{:<w$}  {:>8}  {:>9}  {:>6}  {:>5}  {:>6}  {:>4}  {:>7}  {:>8}  {:>15}  {:>14}  {:>6.1}  {:>9}{marker}",
+            r.policy,
+            r.requests,
+            r.completed,
+            r.errors,
+            r.lost,
+            r.not_sent,
+            r.duplicated,
+            if r.avg_qos.is_finite() {
+                format!("{:.4}", r.avg_qos)
+            } else {
+                "-".into()
+            },
+            pct(r.slo_violation_rate),
+            format!("{}/{}", ms(r.ttft_p50_s), ms(r.ttft_p99_s)),
+            format!("{}/{}", ms(r.per_token_p50_s), ms(r.per_token_p95_s)),
+            r.requests_per_s,
+            r.fallbacks.map_or("-".into(), |f| format!("{f:.0}")),
+        );
+    }
+    for r in rows.iter().filter(|r| !r.errors_by_code.is_empty()) {
+        let codes: Vec<String> = r
+            .errors_by_code
+            .iter()
+            .map(|(code, n)| format!("{code} {n}"))
+            .collect();
+        println!("  {} errors: {}", r.policy, codes.join(", "));
+    }
+    println!();
+    let w = shares
+        .rows
+        .iter()
+        .map(|(e, _)| e.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let mut head = format!("{:<w$}", "share of completed");
+    for p in &shares.policies {
+        head.push_str(&format!("  {:>12}", p));
+    }
+    println!("{head}");
+    for (expert, values) in &shares.rows {
+        let mut line = format!("{expert:<w$}");
+        for v in values {
+            line.push_str(&format!("  {:>12}", pct(*v)));
+        }
+        println!("{line}");
+    }
+    println!();
+}

@@ -1,0 +1,146 @@
+//! End-to-end tests of `qosroute demo` with tiny settings: the embedded broker, the emulated
+//! experts, the real `qosrouted` and the device swarm; every request must be accounted for in
+//! the JSON it writes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("qosroute-demo-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Builds `qosrouted` next to the `qosroute` under test (another package's binary is not
+/// built for this package's tests), where the demo looks for it.
+fn build_daemon() {
+    let qosroute = PathBuf::from(env!("CARGO_BIN_EXE_qosroute"));
+    let dir = qosroute.parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .args(["build", "-p", "qosroute-daemon", "--bin", "qosrouted"])
+        .current_dir(repo());
+    if dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    assert!(build.status().unwrap().success(), "cannot build qosrouted");
+    assert!(dir.join("qosrouted").exists());
+}
+
+fn demo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qosroute"))
+        .arg("demo")
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn check_svg(path: &Path) {
+    let s = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(s.starts_with("<svg"), "{}", path.display());
+}
+
+#[test]
+fn a_tiny_demo_accounts_for_every_request_of_every_router() {
+    build_daemon();
+    let out_dir = scratch("tiny");
+    let out = demo(&[
+        "--compare",
+        "han,least-loaded",
+        "--minutes",
+        "0.25",
+        "--speed",
+        "20",
+        "--devices",
+        "6",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stdout.contains("han") && stdout.contains("least-loaded"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("share of completed"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("demo.json")).unwrap()).unwrap();
+    let requests = json["demo"]["requests"].as_u64().unwrap();
+    assert!(requests > 20, "{requests}");
+    assert_eq!(json["interrupted"], false);
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        let policy = run["policy"].as_str().unwrap();
+        let s = &run["summary"];
+        let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{policy}: {k}"));
+        assert_eq!(n("requests"), requests, "{policy}");
+        assert_eq!(
+            n("completed") + n("errors") + n("lost") + n("not_sent"),
+            requests,
+            "{policy}: {s}"
+        );
+        assert_eq!(s["accounted"], true, "{policy}");
+        assert_eq!(
+            (n("lost"), n("not_sent"), n("duplicated")),
+            (0, 0, 0),
+            "{policy}: {s}"
+        );
+        assert!(n("completed") > 0, "{policy}: {s}");
+        let records = run["report"]["records"].as_array().unwrap();
+        assert_eq!(records.len() as u64, requests);
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r["index"].as_u64(), Some(i as u64));
+            assert_eq!(r["ends"].as_u64(), Some(1), "{policy}: {r}");
+            assert!(r["published_s"].is_number(), "{policy}: {r}");
+        }
+        assert!(s["avg_qos"].is_number(), "{policy}: {s}");
+        assert_eq!(run["daemon_exit_code"].as_i64(), Some(0), "{policy}");
+        let daemon = &run["daemon"];
+        assert_eq!(
+            daemon["requests_by_outcome"]["completed"].as_f64(),
+            Some(n("completed") as f64),
+            "{policy}: {daemon}"
+        );
+    }
+    for svg in ["qos-over-time.svg", "latency.svg", "expert-share.svg"] {
+        check_svg(&out_dir.join(svg));
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+#[test]
+fn a_router_the_daemon_cannot_run_is_refused_precisely() {
+    let out = demo(&["--policy", "oracle"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("`oracle`") && err.contains("qos-greedy") && err.contains("han:DIR"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_daemon_binary_says_how_to_build_it() {
+    let out = demo(&["--policy", "least-loaded", "--daemon", "/no/such/qosrouted"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cargo build --release -p qosroute-daemon -p qosroute-cli"),
+        "{err}"
+    );
+}
