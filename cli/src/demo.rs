@@ -109,7 +109,7 @@ pub struct DemoArgs {
 
 /// Which router a run asks the daemon for.
 #[derive(Debug, Clone)]
-enum Router {
+pub(crate) enum Router {
     /// The learned router of a model folder (fallback `qos-greedy`).
     Learned { name: String, dir: PathBuf },
     /// A baseline, run as the daemon's fallback with no model.
@@ -117,13 +117,13 @@ enum Router {
 }
 
 impl Router {
-    fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         match self {
             Router::Learned { name, .. } | Router::Baseline(name) => name,
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Router::Learned { dir, .. } => format!(
                 "learned HAN router ({}), qos-greedy when the model is slow or fails",
@@ -150,7 +150,7 @@ fn locate(path: &Path) -> Option<PathBuf> {
     None
 }
 
-fn parse_router(name: &str, model_dir: &Path) -> anyhow::Result<Router> {
+pub(crate) fn parse_router(name: &str, model_dir: &Path) -> anyhow::Result<Router> {
     let learned = |name: &str, dir: &Path| -> anyhow::Result<Router> {
         let found = locate(dir)
             .with_context(|| format!("`{name}`: model folder {} not found", dir.display()))?;
@@ -524,7 +524,7 @@ fn prepare(args: &DemoArgs) -> anyhow::Result<Setup> {
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM cancels `interrupt`.
-fn watch_signals(interrupt: CancellationToken) -> anyhow::Result<()> {
+pub(crate) fn watch_signals(interrupt: CancellationToken) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -552,10 +552,10 @@ fn watch_signals(interrupt: CancellationToken) -> anyhow::Result<()> {
 
 /// A scratch folder for the generated configs and logs, removed on drop unless kept.
 #[derive(Debug)]
-struct Scratch(PathBuf, bool);
+pub(crate) struct Scratch(pub(crate) PathBuf, bool);
 
 impl Scratch {
-    fn new(keep: bool) -> anyhow::Result<Self> {
+    pub(crate) fn new(keep: bool) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("qosroute-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
@@ -573,14 +573,14 @@ impl Drop for Scratch {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")
         .context("cannot find a free port")?
         .local_addr()?
         .port())
 }
 
-async fn wait_for_port(port: u16, what: &str, within: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_port(port: u16, what: &str, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -629,13 +629,13 @@ fn reap(child: &mut Child, within: Duration) -> Option<i32> {
 /// A child process in its own process group (so a terminal's Ctrl-C reaches only the demo,
 /// which then stops it in order): SIGTERM, then kill, when dropped.
 #[derive(Debug)]
-struct ChildGuard {
-    child: Option<Child>,
+pub(crate) struct ChildGuard {
+    pub(crate) child: Option<Child>,
     grace: Duration,
 }
 
 impl ChildGuard {
-    fn spawn(command: &mut Command, grace: Duration) -> std::io::Result<Self> {
+    pub(crate) fn spawn(command: &mut Command, grace: Duration) -> std::io::Result<Self> {
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(command, 0);
         Ok(Self {
@@ -644,14 +644,14 @@ impl ChildGuard {
         })
     }
 
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGTERM, wait (off the async threads), kill after the grace period.
-    async fn stop(mut self) -> Option<i32> {
+    pub(crate) async fn stop(mut self) -> Option<i32> {
         let mut child = self.child.take()?;
         let grace = self.grace;
         tokio::task::spawn_blocking(move || {
@@ -715,7 +715,7 @@ impl Broker {
     }
 }
 
-fn find_mosquitto() -> Option<&'static str> {
+pub(crate) fn find_mosquitto() -> Option<&'static str> {
     [
         "/usr/sbin/mosquitto",
         "/usr/local/sbin/mosquitto",
@@ -766,7 +766,7 @@ async fn start_broker(args: &DemoArgs, scratch: &Scratch) -> anyhow::Result<Brok
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_inflight_messages 0\n"
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
         ),
     )?;
     let child = ChildGuard::spawn(
@@ -859,7 +859,7 @@ async fn stop_experts(experts: Vec<EmulatedExpert>) {
 }
 
 /// A TOML basic string.
-fn toml_str(s: &str) -> String {
+pub(crate) fn toml_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -958,21 +958,21 @@ fn daemon_config(
 }
 
 /// The real daemon, running one generated config.
-struct DaemonProcess {
-    child: ChildGuard,
-    log: PathBuf,
-    metrics_port: u16,
+pub(crate) struct DaemonProcess {
+    pub(crate) child: ChildGuard,
+    pub(crate) log: PathBuf,
+    pub(crate) metrics_port: u16,
 }
 
 impl DaemonProcess {
-    fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Waits until the metrics endpoint says every expert is up.
-    async fn wait_ready(
+    pub(crate) async fn wait_ready(
         &mut self,
         experts: &[String],
         within: Duration,
@@ -1009,7 +1009,7 @@ impl DaemonProcess {
 
 /// Runs `qosrouted --check-config`, so that a setting the daemon refuses (e.g. a policy it
 /// cannot run) is reported in its own words.
-fn check_config(exe: &Path, config: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_config(exe: &Path, config: &Path) -> anyhow::Result<()> {
     let out = Command::new(exe)
         .arg("--check-config")
         .arg(config)
@@ -1201,19 +1201,19 @@ async fn drive(
 
 /// What the daemon's `/metrics` says (the part the demo shows).
 #[derive(Debug, Clone, Default, Serialize)]
-struct DaemonMetrics {
+pub(crate) struct DaemonMetrics {
     /// `qosroute_qos_sum`, `qosroute_qos_count`: realised QoS of completed requests whose
     /// expert reported a quality.
     qos_sum: f64,
     qos_count: f64,
     slo_violations: f64,
-    fallbacks: f64,
+    pub(crate) fallbacks: f64,
     retries: f64,
     replies_dropped: f64,
     feedback: f64,
-    decisions: f64,
-    decision_seconds_sum: f64,
-    requests_by_outcome: BTreeMap<String, f64>,
+    pub(crate) decisions: f64,
+    pub(crate) decision_seconds_sum: f64,
+    pub(crate) requests_by_outcome: BTreeMap<String, f64>,
     expert_in_flight: BTreeMap<String, f64>,
     expert_up: BTreeMap<String, f64>,
 }
@@ -1272,7 +1272,7 @@ impl DaemonMetrics {
 }
 
 /// `GET /metrics` of the daemon, parsed; `None` when it does not answer within a second.
-async fn scrape(port: u16) -> Option<DaemonMetrics> {
+pub(crate) async fn scrape(port: u16) -> Option<DaemonMetrics> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))

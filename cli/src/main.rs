@@ -1,6 +1,7 @@
 //! `qosroute`: the workstation tool. Simulate one routing policy, or compare several; run the
 //! whole system as a demo.
 
+mod bench;
 mod compare;
 mod demo;
 mod emulate;
@@ -38,6 +39,9 @@ enum Command {
     /// Serve the experts of a catalogue as OpenAI-compatible servers driven by the simulator's
     /// engine in real time, until SIGINT or SIGTERM.
     Emulate(emulate::EmulateArgs),
+    /// Benchmarks of the real system on this machine (`bench e2e`: broker round trip, the
+    /// daemon's added latency with zero-latency experts, routed requests/s at saturation, RSS).
+    Bench(bench::BenchArgs),
 }
 
 /// Inputs every simulation needs.
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Emulate(args) => emulate::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

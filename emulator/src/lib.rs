@@ -223,6 +223,11 @@ impl EmulatedExpert {
         let app = router(shared.clone(), options.max_body_bytes);
         let closing = shared.closing.clone();
         let server = runtime.spawn(async move {
+            // Small SSE writes go out at once (Nagle's algorithm against the client's delayed
+            // ACKs stalled each answer by about 40 ms).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+                let _ = s.set_nodelay(true);
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(closing.cancelled_owned())
                 .await

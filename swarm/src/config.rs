@@ -165,6 +165,11 @@ impl SwarmConfig {
             .set_session_expiry_interval(Some(self.session_expiry_s))
             .set_max_packet_size(Some(256 * 1024))
             .set_outgoing_inflight_upper_limit(self.max_inflight);
+        // Without TCP_NODELAY a publish right after a PUBACK waits for the broker's delayed
+        // ACK (~40 ms).
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
         if tls {
             let Some(ca_file) = &self.ca_file else {
                 return Err(SwarmError::Config {

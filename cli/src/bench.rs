@@ -1,0 +1,1513 @@
+//! `qosroute bench e2e`: what the gateway costs, measured in one run on this machine.
+//!
+//! A mosquitto broker, `--experts` zero-latency OpenAI-compatible stub experts served by this
+//! process (axum on 127.0.0.1), and the real `qosrouted` next to this executable. Four phases:
+//!
+//! 1. the bare broker round trip: one client publishes QoS 1 to a topic it subscribes to,
+//!    sequentially; publish → receive;
+//! 2. the daemon's added latency, unloaded: sequential non-streamed requests (`max_tokens` 2);
+//!    (a) device publish → the request arriving at the stub expert, (b) the stub's first byte →
+//!    the device receiving the first reply (the answer's one chunk, `done`), and → the final
+//!    reply. Every instant is this process's monotonic clock;
+//! 3. routed requests per second at saturation: closed loop, `--devices` MQTT devices each
+//!    keeping `--window` requests outstanding, counted over `--seconds` after `--warmup`;
+//!    every error reply is counted by code;
+//! 4. the daemon's memory: VmRSS idle after start, VmHWM after the run (`/proc/PID/status`).
+//!
+//! Nothing is printed that was not measured: a statistic over no samples is `n/a`.
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use axum::Router as AxumRouter;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header::CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use clap::{Args, Subcommand};
+use qosroute_proto::{self as proto, Encoding, Reply, Task};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::demo::{
+    ChildGuard, DaemonProcess, Router, Scratch, check_config, find_mosquitto, free_port,
+    parse_router, scrape, toml_str, wait_for_port, watch_signals,
+};
+
+/// The site of the bench's topics.
+const SITE: &str = "bench";
+/// Targets of issue 6.
+const TARGET_RPS: f64 = 5_000.0;
+const TARGET_ADDED_P99_US: f64 = 1_000.0;
+const TARGET_RSS_KIB: u64 = 32 * 1024;
+/// Admission limits per device, set so that they never cap the bench.
+const DEVICE_RATE_PER_S: f64 = 1.0e9;
+const DEVICE_BURST: f64 = 1.0e9;
+/// Tokens asked for (and answered by the stubs) in every bench request.
+const MAX_TOKENS: u32 = 2;
+/// Unmeasured round trips before each latency phase.
+const WARMUP_ROUND_TRIPS: usize = 50;
+/// How long one sequential round trip may take before the bench gives up on it.
+const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// The whole path on this machine: broker round trip, the daemon's added latency with
+    /// zero-latency experts, routed requests per second at saturation, the daemon's RSS.
+    E2e(E2eArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct E2eArgs {
+    /// The gateway's router: `han` (the shipped learned router), `han:DIR`, or a baseline the
+    /// daemon runs as its fallback policy (e.g. qos-greedy, least-loaded).
+    #[arg(long, default_value = "han")]
+    policy: String,
+    /// Zero-latency stub experts served by this process.
+    #[arg(long, default_value_t = 6)]
+    experts: usize,
+    /// Seconds of the throughput phase that are counted (after --warmup).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Seconds of the throughput phase before counting starts.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Sequential QoS 1 round trips through the bare broker.
+    #[arg(long, default_value_t = 2000)]
+    broker_messages: usize,
+    /// Sequential requests through the daemon for the added latency.
+    #[arg(long, default_value_t = 1000)]
+    latency_requests: usize,
+    /// MQTT devices (connections) of the throughput phase.
+    #[arg(long, default_value_t = 8)]
+    devices: usize,
+    /// Requests each device keeps outstanding in the throughput phase.
+    #[arg(long, default_value_t = 48)]
+    window: usize,
+    /// The daemon's `admission.max_in_flight` (default: the shipped default, 512).
+    #[arg(long, default_value_t = 512)]
+    max_in_flight: usize,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The `qosrouted` binary (default: next to this executable).
+    #[arg(long)]
+    daemon: Option<PathBuf>,
+    /// Folder of the shipped learned router, for `han`.
+    #[arg(long, default_value = "policy-model/models/han")]
+    model_dir: PathBuf,
+    /// Keep the scratch folder (config, logs) and print where it is.
+    #[arg(long)]
+    keep_scratch: bool,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    match &args.command {
+        BenchCommand::E2e(a) => run_e2e(a),
+    }
+}
+
+fn run_e2e(args: &E2eArgs) -> anyhow::Result<()> {
+    check_args(args)?;
+    let router = parse_router(args.policy.trim(), &args.model_dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(e2e(args, &router))?;
+    print_report(&report);
+    if let Some(path) = &args.json {
+        crate::write_output(path, serde_json::to_string_pretty(&report)? + "\n")?;
+    }
+    if let Some(problem) = &report.problem {
+        bail!("{problem}");
+    }
+    Ok(())
+}
+
+fn check_args(args: &E2eArgs) -> anyhow::Result<()> {
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        bail!("--seconds must be positive");
+    }
+    if !(args.warmup.is_finite() && args.warmup >= 0.0) {
+        bail!("--warmup must be 0 or more");
+    }
+    for (name, v) in [
+        ("experts", args.experts),
+        ("broker-messages", args.broker_messages),
+        ("latency-requests", args.latency_requests),
+        ("devices", args.devices),
+        ("window", args.window),
+        ("max-in-flight", args.max_in_flight),
+    ] {
+        if v == 0 {
+            bail!("--{name} must be at least 1");
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report.
+
+/// Percentiles of a set of durations, microseconds; `None` without samples.
+#[derive(Debug, Clone, Serialize)]
+struct Stats {
+    count: usize,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+    mean_us: Option<f64>,
+    max_us: Option<f64>,
+}
+
+impl Stats {
+    fn of(samples: &[Duration]) -> Self {
+        let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let rank = |q: f64| -> Option<f64> {
+            if n == 0 {
+                return None;
+            }
+            let i = ((q * n as f64).ceil() as usize).clamp(1, n) - 1;
+            v.get(i).copied()
+        };
+        Self {
+            count: n,
+            p50_us: rank(0.50),
+            p99_us: rank(0.99),
+            mean_us: (n > 0).then(|| v.iter().sum::<f64>() / n as f64),
+            max_us: v.last().copied(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Settings {
+    experts: usize,
+    expert_kind: &'static str,
+    broker: String,
+    broker_messages: usize,
+    latency_requests: usize,
+    latency_request: &'static str,
+    devices: usize,
+    window: usize,
+    warmup_s: f64,
+    seconds: f64,
+    max_in_flight: usize,
+    device_rate_per_s: f64,
+    device_burst: f64,
+    max_tokens: u32,
+    encoding: &'static str,
+    cpus: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct AddedLatency {
+    /// Requests measured (after the warm-up).
+    requests: usize,
+    /// Measured requests that ended in an error reply or no reply, by code (`lost`: none).
+    errors: BTreeMap<String, u64>,
+    /// (a) device publish → request at the expert.
+    publish_to_expert: Stats,
+    /// (b) expert's first byte → the device receives the first reply (the one chunk).
+    expert_to_first_reply: Stats,
+    /// expert's first byte → the device receives the final reply.
+    expert_to_final: Stats,
+    /// (a) + (b) per request: the path through the gateway both ways, broker hops included.
+    added: Stats,
+    /// Device publish → final reply.
+    publish_to_final: Stats,
+}
+
+#[derive(Debug, Serialize)]
+struct Cpu {
+    /// CPU time over the counted window divided by its length (1.0 = one core busy).
+    daemon_cores: Option<f64>,
+    mosquitto_cores: Option<f64>,
+    bench_cores: Option<f64>,
+    /// All CPUs of the machine, from /proc/stat (same units).
+    machine_busy_cores: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Throughput {
+    devices: usize,
+    window: usize,
+    warmup_s: f64,
+    /// Length of the counted window, seconds (measured).
+    counted_s: f64,
+    /// Final replies received in the counted window.
+    completed: u64,
+    requests_per_s: f64,
+    /// Error replies received in the counted window, by code.
+    errors: BTreeMap<String, u64>,
+    error_replies_per_s: f64,
+    /// Over the whole phase (warm-up and drain included).
+    published_total: u64,
+    completed_total: u64,
+    errors_total: BTreeMap<String, u64>,
+    /// Requests with no final or error reply within the drain after the phase.
+    unanswered: u64,
+    /// Device publish → final reply, completed requests in the counted window.
+    publish_to_final: Stats,
+    cpu: Cpu,
+    /// Requests each stub expert served in the whole run.
+    served_by_expert: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Memory {
+    idle_vmrss_kib: Option<u64>,
+    after_vmrss_kib: Option<u64>,
+    vmhwm_kib: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct DaemonView {
+    requests_by_outcome: BTreeMap<String, f64>,
+    decisions: f64,
+    policy_fallbacks: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Target {
+    what: &'static str,
+    target: String,
+    measured: Option<f64>,
+    unit: &'static str,
+    met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct E2eReport {
+    bench: &'static str,
+    policy: String,
+    router: String,
+    settings: Settings,
+    broker_round_trip: Stats,
+    broker_round_trip_errors: u64,
+    added_latency: AddedLatency,
+    throughput: Throughput,
+    memory: Memory,
+    daemon: Option<DaemonView>,
+    daemon_exit_code: Option<i32>,
+    connection_errors: u64,
+    targets: Vec<Target>,
+    problem: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stub experts.
+
+/// When a request reached a stub and when its answer's first byte left, by marker.
+#[derive(Debug, Default)]
+struct StubTimes {
+    at: Mutex<HashMap<String, (Instant, Option<Instant>)>>,
+}
+
+impl StubTimes {
+    fn arrived(&self, marker: &str, at: Instant) {
+        if let Ok(mut m) = self.at.lock() {
+            m.insert(marker.to_owned(), (at, None));
+        }
+    }
+
+    fn first_byte(&self, marker: &str, at: Instant) {
+        if let Ok(mut m) = self.at.lock()
+            && let Some(e) = m.get_mut(marker)
+        {
+            e.1 = Some(at);
+        }
+    }
+
+    fn take(&self, marker: &str) -> Option<(Instant, Option<Instant>)> {
+        self.at.lock().ok()?.remove(marker)
+    }
+}
+
+#[derive(Debug)]
+struct Stub {
+    name: String,
+    model: String,
+    running: AtomicU64,
+    served: AtomicU64,
+    times: Arc<StubTimes>,
+}
+
+/// One zero-latency OpenAI-compatible expert (vLLM dialect) on 127.0.0.1.
+struct StubServer {
+    stub: Arc<Stub>,
+    base_url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_stub(
+    name: String,
+    times: Arc<StubTimes>,
+    stop: CancellationToken,
+) -> anyhow::Result<StubServer> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot listen for a stub expert")?;
+    let addr = listener.local_addr()?;
+    let stub = Arc::new(Stub {
+        model: format!("bench/{name}"),
+        name,
+        running: AtomicU64::new(0),
+        served: AtomicU64::new(0),
+        times,
+    });
+    let app = AxumRouter::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .with_state(stub.clone());
+    let task = tokio::spawn(async move {
+        // Small writes go out at once (Nagle's algorithm would stall each answer ~40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+            let _ = s.set_nodelay(true);
+        });
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    });
+    Ok(StubServer {
+        stub,
+        base_url: format!("http://{addr}"),
+        task,
+    })
+}
+
+async fn models(State(stub): State<Arc<Stub>>) -> Response {
+    json_response(&json!({
+        "object": "list",
+        "data": [{"id": stub.model, "object": "model", "created": 0, "owned_by": "qosroute-bench"}],
+    }))
+}
+
+async fn metrics(State(stub): State<Arc<Stub>>) -> Response {
+    let running = stub.running.load(Ordering::Relaxed);
+    let m = stub.model.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut text = String::new();
+    for (name, value) in [
+        ("vllm:num_requests_running", running.to_string()),
+        ("vllm:num_requests_waiting", "0".to_owned()),
+        ("vllm:kv_cache_usage_perc", "0".to_owned()),
+        ("vllm:gpu_cache_usage_perc", "0".to_owned()),
+    ] {
+        text.push_str(&format!(
+            "# TYPE {name} gauge\n{name}{{model_name=\"{m}\"}} {value}\n"
+        ));
+    }
+    let mut r = Response::new(Body::from(text));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+fn json_response(v: &Value) -> Response {
+    let mut r = Response::new(Body::from(v.to_string()));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// The bench's marker in a prompt: the word after `bench `.
+fn marker(body: &Value) -> Option<String> {
+    let messages = body.get("messages")?.as_array()?;
+    let content = messages.last()?.get("content")?.as_str()?;
+    let rest = content.strip_prefix("bench ")?;
+    Some(rest.split_whitespace().next()?.to_owned())
+}
+
+/// The whole answer at once: SSE as vLLM streams it (role chunk, one chunk per token with
+/// `finish_reason` on the last, the usage chunk, `[DONE]`) or one JSON completion.
+fn answer(model: &str, id: &str, stream: bool, prompt_tokens: u64, tokens: u64) -> String {
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": tokens,
+        "total_tokens": prompt_tokens + tokens,
+    });
+    let id = format!("chatcmpl-{id}");
+    if !stream {
+        let text = vec!["ok"; tokens as usize].join(" ");
+        return json!({
+            "id": id, "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "length"}],
+            "usage": usage,
+        })
+        .to_string();
+    }
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        })
+    };
+    let mut out = String::new();
+    let mut event = |v: &Value| {
+        out.push_str("data: ");
+        out.push_str(&v.to_string());
+        out.push_str("\n\n");
+    };
+    event(&chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ));
+    for k in 0..tokens {
+        let finish = if k + 1 == tokens {
+            json!("length")
+        } else {
+            Value::Null
+        };
+        event(&chunk(
+            json!({"content": if k == 0 { "ok" } else { " ok" }}),
+            finish,
+        ));
+    }
+    event(&json!({
+        "id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+        "choices": [], "usage": usage,
+    }));
+    out.push_str("data: [DONE]\n\n");
+    out
+}
+
+async fn chat(State(stub): State<Arc<Stub>>, body: Bytes) -> Response {
+    let arrived = Instant::now();
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "the body is not JSON").into_response();
+    };
+    let mark = marker(&request);
+    // Only the latency phase's requests (markers `l...`) are timed.
+    let timed = mark.filter(|m| m.starts_with('l'));
+    if let Some(m) = &timed {
+        stub.times.arrived(m, arrived);
+    }
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let tokens = request
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::from(MAX_TOKENS))
+        .clamp(1, 4);
+    let text = answer(
+        &stub.model,
+        timed.as_deref().unwrap_or("x"),
+        stream,
+        (body.len() / 4) as u64,
+        tokens,
+    );
+    stub.running.fetch_add(1, Ordering::Relaxed);
+    let s = stub.clone();
+    // The instant the first byte is handed to the server: when the body is first polled.
+    let body = Body::from_stream(futures_util::stream::once(async move {
+        let at = Instant::now();
+        if let Some(m) = &timed {
+            s.times.first_byte(m, at);
+        }
+        s.running.fetch_sub(1, Ordering::Relaxed);
+        s.served.fetch_add(1, Ordering::Relaxed);
+        Ok::<_, Infallible>(Bytes::from(text))
+    }));
+    let mut r = Response::new(body);
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        }),
+    );
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// MQTT devices.
+
+/// A connected MQTT 5 client subscribed to one topic; what arrives is stamped on receipt by
+/// the task polling its event loop.
+struct Device {
+    client: AsyncClient,
+    inbox: mpsc::UnboundedReceiver<(Instant, Bytes)>,
+    poller: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+fn broker_host_port(url: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port, tls) =
+        qosroute_swarm::parse_broker_url(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if tls {
+        bail!("the bench uses a local broker without TLS");
+    }
+    Ok((host, port))
+}
+
+async fn connect_device(
+    broker: &(String, u16),
+    client_id: &str,
+    topic: &str,
+    connection_errors: Arc<AtomicU64>,
+) -> anyhow::Result<Device> {
+    let stop = CancellationToken::new();
+    let stop_poller = stop.clone();
+    let mut options = MqttOptions::new(client_id, broker.0.clone(), broker.1);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(true)
+        .set_max_packet_size(Some(256 * 1024))
+        .set_outgoing_inflight_upper_limit(1024);
+    // Without TCP_NODELAY a publish right after a PUBACK waits for the broker's delayed ACK.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    options.set_network_options(network);
+    let (client, mut eventloop) = AsyncClient::new(options, 4096);
+    let (tx, inbox) = mpsc::unbounded_channel();
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
+    let sub_client = client.clone();
+    let topic_owned = topic.to_owned();
+    let poller = tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                () = stop_poller.cancelled() => break,
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send((Instant::now(), p.payload));
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = sub_client.try_subscribe(topic_owned.clone(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(());
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    connection_errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        if client_disconnect(&sub_client) {
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while let Ok(e) = eventloop.poll().await {
+                    if matches!(e, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(10), ready_rx.recv()).await {
+        Ok(Some(())) => Ok(Device {
+            client,
+            inbox,
+            poller,
+            stop,
+        }),
+        _ => {
+            poller.abort();
+            bail!("{client_id}: not connected and subscribed to {topic} within 10 s")
+        }
+    }
+}
+
+fn client_disconnect(client: &AsyncClient) -> bool {
+    client.try_disconnect().is_ok()
+}
+
+impl Device {
+    async fn publish(&self, topic: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.client
+            .publish(topic.to_owned(), QoS::AtLeastOnce, false, payload)
+            .await
+            .context("publish failed")
+    }
+
+    async fn recv(&mut self, within: Duration) -> Option<(Instant, Bytes)> {
+        tokio::time::timeout(within, self.inbox.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn close(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.poller).await;
+    }
+}
+
+fn encode(id: &str, stream: bool) -> anyhow::Result<Vec<u8>> {
+    let prompt = format!("bench {id}");
+    let request = proto::Request::new(id, Task::Chat, &prompt)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_max_tokens(MAX_TOKENS)
+        .with_stream(stream);
+    let mut buf = vec![0u8; 512];
+    let n = proto::encode_request(&request, Encoding::Postcard, &mut buf)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc.
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// utime + stime of a process, seconds.
+fn proc_cpu_s(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start at field 3.
+    let rest = text.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks_per_s()?)
+}
+
+/// Busy CPU seconds of the whole machine (all CPUs), from /proc/stat.
+fn machine_busy_s() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = v.iter().take(8).sum::<u64>() - v.get(3)? - v.get(4)?;
+    Some(busy as f64 / ticks_per_s()?)
+}
+
+fn ticks_per_s() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let t = rustix::param::clock_ticks_per_second();
+        (t > 0).then_some(t as f64)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    at: Instant,
+    daemon: Option<f64>,
+    mosquitto: Option<f64>,
+    bench: Option<f64>,
+    machine: Option<f64>,
+}
+
+fn cpu_sample(daemon: Option<u32>, mosquitto: Option<u32>) -> CpuSample {
+    CpuSample {
+        at: Instant::now(),
+        daemon: daemon.and_then(proc_cpu_s),
+        mosquitto: mosquitto.and_then(proc_cpu_s),
+        bench: proc_cpu_s(std::process::id()),
+        machine: machine_busy_s(),
+    }
+}
+
+fn cpu_between(a: CpuSample, b: CpuSample) -> Cpu {
+    let span = b.at.saturating_duration_since(a.at).as_secs_f64();
+    let rate = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) if span > 0.0 => Some((y - x) / span),
+        _ => None,
+    };
+    Cpu {
+        daemon_cores: rate(a.daemon, b.daemon),
+        mosquitto_cores: rate(a.mosquitto, b.mosquitto),
+        bench_cores: rate(a.bench, b.bench),
+        machine_busy_cores: rate(a.machine, b.machine),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run.
+
+async fn e2e(args: &E2eArgs, router: &Router) -> anyhow::Result<E2eReport> {
+    let interrupt = CancellationToken::new();
+    watch_signals(interrupt.clone())?;
+    let daemon_exe = match &args.daemon {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable")?
+            .parent()
+            .map(|d| d.join(format!("qosrouted{}", std::env::consts::EXE_SUFFIX)))
+            .context("this executable has no folder")?,
+    };
+    if !daemon_exe.exists() {
+        bail!(
+            "the daemon binary {} is missing: build it next to qosroute with `cargo build --release -p qosroute-daemon -p qosroute-cli` (or pass --daemon PATH)",
+            daemon_exe.display()
+        );
+    }
+    let scratch = Scratch::new(args.keep_scratch)?;
+    let Some(mosquitto_exe) = find_mosquitto() else {
+        bail!("the bench needs mosquitto (e.g. `apt-get install mosquitto`)");
+    };
+    // The broker, as `qosroute demo` runs it.
+    let broker_port = free_port()?;
+    let broker_url = format!("mqtt://127.0.0.1:{broker_port}");
+    let conf = scratch.0.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_inflight_messages 0\n"
+        ),
+    )?;
+    let mosquitto = ChildGuard::spawn(
+        Command::new(mosquitto_exe)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        Duration::from_secs(5),
+    )
+    .with_context(|| format!("cannot start {mosquitto_exe}"))?;
+    let mosquitto_pid = mosquitto.child.as_ref().map(std::process::Child::id);
+    wait_for_port(broker_port, "mosquitto", Duration::from_secs(10)).await?;
+
+    // The stub experts.
+    let stop_stubs = CancellationToken::new();
+    let times = Arc::new(StubTimes::default());
+    let mut stubs = Vec::with_capacity(args.experts);
+    for i in 0..args.experts {
+        stubs.push(start_stub(format!("stub-{i}"), times.clone(), stop_stubs.clone()).await?);
+    }
+
+    // The daemon.
+    let metrics_port = free_port()?;
+    let config = daemon_config(args, router, &stubs, &broker_url, metrics_port);
+    let config_path = scratch.0.join("qosrouted-bench.toml");
+    std::fs::write(&config_path, &config)?;
+    check_config(&daemon_exe, &config_path)?;
+    let log = scratch.0.join("qosrouted-bench.log");
+    let log_file = std::fs::File::create(&log)?;
+    let child = ChildGuard::spawn(
+        Command::new(&daemon_exe)
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("QOSROUTE_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file),
+        Duration::from_secs(10),
+    )
+    .with_context(|| format!("cannot start {}", daemon_exe.display()))?;
+    let daemon_pid = child.child.as_ref().map(std::process::Child::id);
+    let mut daemon = DaemonProcess {
+        child,
+        log,
+        metrics_port,
+    };
+    let result = measure(
+        args,
+        router,
+        &broker_url,
+        &mut daemon,
+        daemon_pid,
+        mosquitto_pid,
+        &stubs,
+        &times,
+        &interrupt,
+    )
+    .await;
+    let tail = daemon.log_tail(20);
+    let exit = daemon.child.stop().await;
+    stop_stubs.cancel();
+    for s in stubs {
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.task).await;
+    }
+    drop(mosquitto);
+    match result {
+        Ok(mut report) => {
+            report.daemon_exit_code = exit;
+            if report.problem.is_some() && !tail.trim().is_empty() {
+                report.problem = report
+                    .problem
+                    .map(|p| format!("{p}; the daemon's log ends with:\n{tail}"));
+            }
+            Ok(report)
+        }
+        Err(e) if tail.trim().is_empty() => Err(e),
+        Err(e) => Err(e.context(format!("the daemon's log ends with:\n{tail}"))),
+    }
+}
+
+/// The daemon's configuration: the stubs as vLLM experts with a fast latency model, admission
+/// limits that leave the devices' rate uncapped.
+fn daemon_config(
+    args: &E2eArgs,
+    router: &Router,
+    stubs: &[StubServer],
+    broker_url: &str,
+    metrics_port: u16,
+) -> String {
+    use std::fmt::Write as _;
+    const QUALITY_MODELS: [&str; 6] = [
+        "gemma2_9b",
+        "codegemma7b",
+        "qwen25_7b",
+        "llama31_8b",
+        "mistral7b",
+        "llama31_8b",
+    ];
+    let mut c = String::new();
+    let _ = writeln!(
+        c,
+        "# Generated by `qosroute bench e2e` ({}).",
+        router.describe()
+    );
+    let _ = writeln!(c, "site = {}", toml_str(SITE));
+    let _ = writeln!(
+        c,
+        "\n[broker]\nurl = {}\nclient_id = {}\nsession_expiry_s = 0\nreconnect_min_s = 0.1\nreconnect_max_s = 2.0",
+        toml_str(broker_url),
+        toml_str(&format!("qosrouted-bench-{}", std::process::id()))
+    );
+    let _ = writeln!(c, "\n[policy]");
+    match router {
+        Router::Learned { dir, .. } => {
+            let _ = writeln!(
+                c,
+                "model_dir = {}\nvariant = \"f32\"\nfallback = \"qos-greedy\"",
+                toml_str(&dir.display().to_string())
+            );
+        }
+        Router::Baseline(b) => {
+            let _ = writeln!(c, "fallback = {}", toml_str(b));
+        }
+    }
+    let _ = writeln!(
+        c,
+        "\n[slo]\ndefault_s_per_token = 0.1\n\n[admission]\nmax_in_flight = {}\ndevice_rate_per_s = {DEVICE_RATE_PER_S:e}\ndevice_burst = {DEVICE_BURST:e}",
+        args.max_in_flight
+    );
+    let _ = writeln!(
+        c,
+        "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[shutdown]\ndrain_deadline_s = 2.0"
+    );
+    for (i, s) in stubs.iter().enumerate() {
+        let _ = writeln!(
+            c,
+            "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = \"vllm\"\nquality_model = {}\nmax_slots = 256\nkv_tokens = 1000000\nhardware = \"zero-latency stub in qosroute bench\"\n[expert.latency]\nprefill_tok_s = 1e6\ndecode_t0_s = 1e-4\ndecode_d_s_per_seq = 1e-6\ndecode_e_s_per_ctx_token = 1e-9\n[expert.quality]\ndefault = {:.2}",
+            toml_str(&s.stub.name),
+            toml_str(&s.base_url),
+            toml_str(&s.stub.model),
+            toml_str(QUALITY_MODELS[i % QUALITY_MODELS.len()]),
+            0.5 + 0.05 * (i % 6) as f64,
+        );
+    }
+    c
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    args: &E2eArgs,
+    router: &Router,
+    broker_url: &str,
+    daemon: &mut DaemonProcess,
+    daemon_pid: Option<u32>,
+    mosquitto_pid: Option<u32>,
+    stubs: &[StubServer],
+    times: &StubTimes,
+    interrupt: &CancellationToken,
+) -> anyhow::Result<E2eReport> {
+    let names: Vec<String> = stubs.iter().map(|s| s.stub.name.clone()).collect();
+    wait_for_port(
+        daemon.metrics_port,
+        "qosrouted's metrics",
+        Duration::from_secs(20),
+    )
+    .await
+    .with_context(|| daemon.log_tail(20))?;
+    daemon
+        .wait_ready(&names, Duration::from_secs(20), interrupt)
+        .await?;
+    // Idle: started, every expert up, no request yet.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_vmrss_kib = daemon_pid.and_then(|p| proc_status_kib(p, "VmRSS"));
+    let broker = broker_host_port(broker_url)?;
+    let connection_errors = Arc::new(AtomicU64::new(0));
+    let pid = std::process::id();
+
+    // 1. The bare broker round trip.
+    eprintln!(
+        "bench: broker round trip ({} QoS 1 messages)",
+        args.broker_messages
+    );
+    let topic = format!("qosroute-bench/{pid}/rtt");
+    let mut dev = connect_device(
+        &broker,
+        &format!("qosroute-bench-rtt-{pid}"),
+        &topic,
+        connection_errors.clone(),
+    )
+    .await?;
+    let mut rtt = Vec::with_capacity(args.broker_messages);
+    let mut rtt_errors = 0u64;
+    for i in 0..WARMUP_ROUND_TRIPS + args.broker_messages {
+        if interrupt.is_cancelled() {
+            bail!("interrupted");
+        }
+        let payload = format!("rtt {i} ................................................");
+        let t0 = Instant::now();
+        dev.publish(&topic, payload.clone().into_bytes()).await?;
+        let mut got = None;
+        while let Some((at, p)) = dev.recv(ROUND_TRIP_TIMEOUT).await {
+            if p.as_ref() == payload.as_bytes() {
+                got = Some(at);
+                break;
+            }
+        }
+        match got {
+            Some(at) if i >= WARMUP_ROUND_TRIPS => rtt.push(at.saturating_duration_since(t0)),
+            Some(_) => {}
+            None => rtt_errors += 1,
+        }
+    }
+    dev.close().await;
+
+    // 2. The daemon's added latency, unloaded.
+    eprintln!(
+        "bench: added latency ({} sequential requests)",
+        args.latency_requests
+    );
+    let req_topic = format!("qosroute/v1/{SITE}/req/lat/pc");
+    let mut dev = connect_device(
+        &broker,
+        &format!("qosroute-bench-lat-{pid}"),
+        &format!("qosroute/v1/{SITE}/resp/lat"),
+        connection_errors.clone(),
+    )
+    .await?;
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    let mut b_final = Vec::new();
+    let mut added = Vec::new();
+    let mut total = Vec::new();
+    let mut lat_errors: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..WARMUP_ROUND_TRIPS + args.latency_requests {
+        if interrupt.is_cancelled() {
+            bail!("interrupted");
+        }
+        let id = format!("l{i}");
+        let payload = encode(&id, false)?;
+        let t0 = Instant::now();
+        dev.publish(&req_topic, payload).await?;
+        let mut first_reply = None;
+        let mut end: Result<Instant, String> = Err("lost".into());
+        while let Some((at, p)) = dev.recv(ROUND_TRIP_TIMEOUT).await {
+            match proto::decode_reply(&p, Encoding::Postcard) {
+                Ok(Reply::Chunk(c)) if c.id.as_str() == id => {
+                    first_reply.get_or_insert(at);
+                }
+                Ok(Reply::Final(f)) if f.id.as_str() == id => {
+                    first_reply.get_or_insert(at);
+                    end = Ok(at);
+                    break;
+                }
+                Ok(Reply::Error(e)) if e.id.as_str() == id || e.id.is_empty() => {
+                    end = Err(e.code.as_str().to_owned());
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let stub = times.take(&id);
+        if i < WARMUP_ROUND_TRIPS {
+            continue;
+        }
+        match (end, stub, first_reply) {
+            (Ok(fin), Some((arrived, Some(first_byte))), Some(first)) => {
+                let ai = arrived.saturating_duration_since(t0);
+                let bi = first.saturating_duration_since(first_byte);
+                a.push(ai);
+                b.push(bi);
+                b_final.push(fin.saturating_duration_since(first_byte));
+                added.push(ai + bi);
+                total.push(fin.saturating_duration_since(t0));
+            }
+            (Ok(_), _, _) => *lat_errors.entry("no_stub_record".into()).or_default() += 1,
+            (Err(code), _, _) => *lat_errors.entry(code).or_default() += 1,
+        }
+    }
+    dev.close().await;
+
+    // 3. Throughput at saturation.
+    eprintln!(
+        "bench: throughput ({} devices x {} outstanding, {} s warm-up + {} s counted)",
+        args.devices, args.window, args.warmup, args.seconds
+    );
+    let mut devices = Vec::with_capacity(args.devices);
+    for k in 0..args.devices {
+        devices.push(
+            connect_device(
+                &broker,
+                &format!("qosroute-bench-d{k}-{pid}"),
+                &format!("qosroute/v1/{SITE}/resp/d{k}"),
+                connection_errors.clone(),
+            )
+            .await?,
+        );
+    }
+    let start = Instant::now();
+    let count_from = start + Duration::from_secs_f64(args.warmup);
+    let count_to = count_from + Duration::from_secs_f64(args.seconds);
+    let sampler = tokio::spawn(async move {
+        tokio::time::sleep_until(count_from.into()).await;
+        let a = cpu_sample(daemon_pid, mosquitto_pid);
+        tokio::time::sleep_until(count_to.into()).await;
+        let b = cpu_sample(daemon_pid, mosquitto_pid);
+        cpu_between(a, b)
+    });
+    let mut loops = tokio::task::JoinSet::new();
+    for (k, dev) in devices.into_iter().enumerate() {
+        let window = args.window;
+        let interrupt = interrupt.clone();
+        loops.spawn(closed_loop(k, dev, window, count_from, count_to, interrupt));
+    }
+    let mut tally = Tally::default();
+    while let Some(t) = loops.join_next().await {
+        let t = t.context("a device task failed")??;
+        tally.merge(t);
+    }
+    let cpu = sampler.await.unwrap_or(Cpu {
+        daemon_cores: None,
+        mosquitto_cores: None,
+        bench_cores: None,
+        machine_busy_cores: None,
+    });
+    if interrupt.is_cancelled() {
+        bail!("interrupted");
+    }
+
+    // 4. Memory, and what the daemon says.
+    let after_vmrss_kib = daemon_pid.and_then(|p| proc_status_kib(p, "VmRSS"));
+    let vmhwm_kib = daemon_pid.and_then(|p| proc_status_kib(p, "VmHWM"));
+    let metrics = scrape(daemon.metrics_port).await;
+    let problem = daemon
+        .child
+        .exited()
+        .map(|s| format!("qosrouted exited during the bench ({s})"));
+
+    let counted_s = args.seconds;
+    let requests_per_s = tally.completed as f64 / counted_s;
+    let error_count: u64 = tally.errors.values().sum();
+    let added_stats = Stats::of(&added);
+    let targets = vec![
+        Target {
+            what: "routed requests/s at saturation",
+            target: format!(">= {TARGET_RPS}"),
+            measured: Some(requests_per_s),
+            unit: "req/s",
+            met: Some(requests_per_s >= TARGET_RPS),
+        },
+        Target {
+            what: "added latency p99, (a)+(b) per request (both broker hops included)",
+            target: format!("<= {TARGET_ADDED_P99_US}"),
+            measured: added_stats.p99_us,
+            unit: "us",
+            met: added_stats.p99_us.map(|v| v <= TARGET_ADDED_P99_US),
+        },
+        Target {
+            what: "daemon RSS, VmHWM after the run",
+            target: format!("<= {TARGET_RSS_KIB}"),
+            measured: vmhwm_kib.map(|v| v as f64),
+            unit: "KiB",
+            met: vmhwm_kib.map(|v| v <= TARGET_RSS_KIB),
+        },
+    ];
+    Ok(E2eReport {
+        bench: "e2e",
+        policy: router.name().to_owned(),
+        router: router.describe(),
+        settings: Settings {
+            experts: args.experts,
+            expert_kind: "vllm (stub: /metrics running = its current count, waiting 0)",
+            broker: format!("mosquitto at {broker_url}"),
+            broker_messages: args.broker_messages,
+            latency_requests: args.latency_requests,
+            latency_request: "non-streamed (stream=false), max_tokens 2; the gateway sends one chunk (done) then the final reply",
+            devices: args.devices,
+            window: args.window,
+            warmup_s: args.warmup,
+            seconds: args.seconds,
+            max_in_flight: args.max_in_flight,
+            device_rate_per_s: DEVICE_RATE_PER_S,
+            device_burst: DEVICE_BURST,
+            max_tokens: MAX_TOKENS,
+            encoding: "postcard",
+            cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        },
+        broker_round_trip: Stats::of(&rtt),
+        broker_round_trip_errors: rtt_errors,
+        added_latency: AddedLatency {
+            requests: args.latency_requests,
+            errors: lat_errors,
+            publish_to_expert: Stats::of(&a),
+            expert_to_first_reply: Stats::of(&b),
+            expert_to_final: Stats::of(&b_final),
+            added: added_stats,
+            publish_to_final: Stats::of(&total),
+        },
+        throughput: Throughput {
+            devices: args.devices,
+            window: args.window,
+            warmup_s: args.warmup,
+            counted_s,
+            completed: tally.completed,
+            requests_per_s,
+            errors: tally.errors,
+            error_replies_per_s: error_count as f64 / counted_s,
+            published_total: tally.published,
+            completed_total: tally.completed_total,
+            errors_total: tally.errors_total,
+            unanswered: tally.unanswered,
+            publish_to_final: Stats::of(&tally.latencies),
+            cpu,
+            served_by_expert: stubs
+                .iter()
+                .map(|s| (s.stub.name.clone(), s.stub.served.load(Ordering::Relaxed)))
+                .collect(),
+        },
+        memory: Memory {
+            idle_vmrss_kib,
+            after_vmrss_kib,
+            vmhwm_kib,
+        },
+        daemon: metrics.map(|m| DaemonView {
+            requests_by_outcome: m.requests_by_outcome,
+            decisions: m.decisions,
+            policy_fallbacks: m.fallbacks,
+        }),
+        daemon_exit_code: None,
+        connection_errors: connection_errors.load(Ordering::Relaxed),
+        targets,
+        problem,
+    })
+}
+
+/// What one device of the throughput phase saw.
+#[derive(Debug, Default)]
+struct Tally {
+    published: u64,
+    completed: u64,
+    completed_total: u64,
+    errors: BTreeMap<String, u64>,
+    errors_total: BTreeMap<String, u64>,
+    unanswered: u64,
+    latencies: Vec<Duration>,
+}
+
+impl Tally {
+    fn merge(&mut self, o: Tally) {
+        self.published += o.published;
+        self.completed += o.completed;
+        self.completed_total += o.completed_total;
+        for (k, v) in o.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        for (k, v) in o.errors_total {
+            *self.errors_total.entry(k).or_default() += v;
+        }
+        self.unanswered += o.unanswered;
+        self.latencies.extend(o.latencies);
+    }
+}
+
+/// One device keeping `window` requests outstanding until `count_to`, then draining.
+async fn closed_loop(
+    k: usize,
+    mut dev: Device,
+    window: usize,
+    count_from: Instant,
+    count_to: Instant,
+    interrupt: CancellationToken,
+) -> anyhow::Result<Tally> {
+    let topic = format!("qosroute/v1/{SITE}/req/d{k}/pc");
+    let mut outstanding: HashMap<String, Instant> = HashMap::with_capacity(window * 2);
+    let mut tally = Tally::default();
+    let mut seq = 0u64;
+    let drain_until = count_to + Duration::from_secs(5);
+    let counted = |at: Instant| at >= count_from && at < count_to;
+    loop {
+        let now = Instant::now();
+        if now < count_to && !interrupt.is_cancelled() {
+            while outstanding.len() < window {
+                let id = format!("t{k}-{seq}");
+                seq += 1;
+                let payload = encode(&id, false)?;
+                outstanding.insert(id, Instant::now());
+                dev.publish(&topic, payload).await?;
+                tally.published += 1;
+            }
+        } else if outstanding.is_empty() || now >= drain_until || interrupt.is_cancelled() {
+            break;
+        }
+        let wait = if now < count_to {
+            count_to.saturating_duration_since(now)
+        } else {
+            drain_until.saturating_duration_since(now)
+        }
+        .max(Duration::from_millis(1));
+        let Some((at, p)) = dev.recv(wait).await else {
+            continue;
+        };
+        match proto::decode_reply(&p, Encoding::Postcard) {
+            Ok(Reply::Final(f)) => {
+                if let Some(t0) = outstanding.remove(f.id.as_str()) {
+                    tally.completed_total += 1;
+                    if counted(at) {
+                        tally.completed += 1;
+                        tally.latencies.push(at.saturating_duration_since(t0));
+                    }
+                }
+            }
+            Ok(Reply::Error(e))
+                if outstanding.remove(e.id.as_str()).is_some() || e.id.is_empty() =>
+            {
+                let code = e.code.as_str().to_owned();
+                if counted(at) {
+                    *tally.errors.entry(code.clone()).or_default() += 1;
+                }
+                *tally.errors_total.entry(code).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    tally.unanswered = outstanding.len() as u64;
+    dev.close().await;
+    Ok(tally)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table.
+
+fn us(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".into(), |v| format!("{v:.0} us"))
+}
+
+fn kib(v: Option<u64>) -> String {
+    v.map_or_else(
+        || "n/a".into(),
+        |v| format!("{v} KiB ({:.1} MiB)", v as f64 / 1024.0),
+    )
+}
+
+fn cores(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".into(), |v| format!("{v:.2}"))
+}
+
+fn print_report(r: &E2eReport) {
+    let s = &r.settings;
+    println!();
+    println!("qosroute bench e2e: policy {} ({})", r.policy, r.router);
+    println!(
+        "  {} stub experts (zero latency, kind vllm), mosquitto, {} CPUs; max_in_flight {}, device_rate_per_s {:e}",
+        s.experts, s.cpus, s.max_in_flight, s.device_rate_per_s
+    );
+    println!();
+    println!(
+        "{:<58} {:>10} {:>10} {:>8}",
+        "latency (sequential, unloaded)", "p50", "p99", "n"
+    );
+    let row = |name: &str, st: &Stats| {
+        println!(
+            "{:<58} {:>10} {:>10} {:>8}",
+            name,
+            us(st.p50_us),
+            us(st.p99_us),
+            st.count
+        );
+    };
+    row(
+        "bare broker round trip (QoS 1 publish -> receive)",
+        &r.broker_round_trip,
+    );
+    let a = &r.added_latency;
+    row(
+        "(a) device publish -> request at the expert",
+        &a.publish_to_expert,
+    );
+    row(
+        "(b) expert first byte -> device gets first reply",
+        &a.expert_to_first_reply,
+    );
+    row(
+        "    expert first byte -> device gets final reply",
+        &a.expert_to_final,
+    );
+    row("(a)+(b) per request (two broker hops included)", &a.added);
+    row(
+        "device publish -> final reply (stub ~0 s)",
+        &a.publish_to_final,
+    );
+    if !a.errors.is_empty() || r.broker_round_trip_errors > 0 {
+        println!(
+            "  latency phase errors: {:?}; broker round trips lost: {}",
+            a.errors, r.broker_round_trip_errors
+        );
+    }
+    let t = &r.throughput;
+    println!();
+    println!(
+        "throughput: {} devices x {} outstanding, {} s warm-up, {} s counted",
+        t.devices, t.window, t.warmup_s, t.counted_s
+    );
+    println!(
+        "  completed {} -> {:.0} routed requests/s; error replies {} ({:.0}/s) {:?}",
+        t.completed,
+        t.requests_per_s,
+        t.errors.values().sum::<u64>(),
+        t.error_replies_per_s,
+        t.errors
+    );
+    println!(
+        "  under load, publish -> final: p50 {} p99 {}; published {}, unanswered after drain {}",
+        us(t.publish_to_final.p50_us),
+        us(t.publish_to_final.p99_us),
+        t.published_total,
+        t.unanswered
+    );
+    println!(
+        "  CPU (cores) in the counted window: qosrouted {}, mosquitto {}, bench {}, machine {}",
+        cores(t.cpu.daemon_cores),
+        cores(t.cpu.mosquitto_cores),
+        cores(t.cpu.bench_cores),
+        cores(t.cpu.machine_busy_cores)
+    );
+    println!(
+        "  served per expert: {}",
+        t.served_by_expert
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(d) = &r.daemon {
+        println!(
+            "  daemon: decisions {}, policy fallbacks {}, outcomes {:?}",
+            d.decisions, d.policy_fallbacks, d.requests_by_outcome
+        );
+    }
+    println!();
+    println!(
+        "memory (qosrouted): idle VmRSS {}, after VmRSS {}, VmHWM {}",
+        kib(r.memory.idle_vmrss_kib),
+        kib(r.memory.after_vmrss_kib),
+        kib(r.memory.vmhwm_kib)
+    );
+    println!();
+    println!(
+        "{:<70} {:>12} {:>14} {:>5}",
+        "target", "goal", "measured", "met"
+    );
+    for tg in &r.targets {
+        let measured = tg
+            .measured
+            .map_or_else(|| "n/a".into(), |v| format!("{v:.0} {}", tg.unit));
+        let met = match tg.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "n/a",
+        };
+        println!(
+            "{:<70} {:>12} {:>14} {:>5}",
+            tg.what,
+            format!("{} {}", tg.target, tg.unit),
+            measured,
+            met
+        );
+    }
+    if r.connection_errors > 0 {
+        println!(
+            "  MQTT connection errors on the bench's side: {}",
+            r.connection_errors
+        );
+    }
+    println!();
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_use_nearest_rank_and_say_nothing_without_samples() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        let s = Stats::of(&v);
+        assert_eq!(s.p50_us, Some(50.0));
+        assert_eq!(s.p99_us, Some(99.0));
+        assert_eq!(s.max_us, Some(100.0));
+        let e = Stats::of(&[]);
+        assert!(e.p50_us.is_none() && e.p99_us.is_none() && e.count == 0);
+    }
+
+    #[test]
+    fn the_stub_answers_as_vllm_streams_and_the_marker_is_found() {
+        let body = json!({"messages": [{"role": "user", "content": "bench l7"}], "stream": true});
+        assert_eq!(marker(&body).as_deref(), Some("l7"));
+        let sse = answer("m", "l7", true, 3, 2);
+        let events: Vec<&str> = sse
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| e.strip_prefix("data: ").unwrap())
+            .collect();
+        assert_eq!(events.len(), 5);
+        assert_eq!(events[4], "[DONE]");
+        let last: Value = serde_json::from_str(events[2]).unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+        let usage: Value = serde_json::from_str(events[3]).unwrap();
+        assert_eq!(usage["usage"]["completion_tokens"], 2);
+        let plain: Value = serde_json::from_str(&answer("m", "x", false, 3, 2)).unwrap();
+        assert_eq!(plain["choices"][0]["message"]["content"], "ok ok");
+    }
+
+    #[test]
+    fn proc_status_is_read() {
+        assert!(proc_status_kib(std::process::id(), "VmRSS").is_some_and(|v| v > 0));
+        assert!(proc_cpu_s(std::process::id()).is_some());
+    }
+}
