@@ -131,6 +131,16 @@ pub struct BrokerConfig {
     /// Longest reconnect delay, seconds.
     #[serde(default = "default_reconnect_max_s")]
     pub reconnect_max_s: f64,
+    /// Requests are acknowledged to the broker when their outcome is final, in the order
+    /// they arrived (as MQTT requires), so a daemon that dies mid-request gets them again
+    /// from its session. A request still running after this many seconds is acknowledged
+    /// anyway, so that the requests after it can be (also when three quarters of the
+    /// broker's window wait): a crash after that loses it rather than holding the others.
+    /// Longer keeps the guarantee for longer requests; it also means more finished requests
+    /// not yet acknowledged, which a crash makes the broker deliver (and the next daemon
+    /// answer) again.
+    #[serde(default = "default_ack_deadline_s")]
+    pub ack_deadline_s: f64,
 }
 
 /// TLS towards the broker (rustls).
@@ -370,6 +380,9 @@ fn default_reconnect_min_s() -> f64 {
 }
 fn default_reconnect_max_s() -> f64 {
     30.0
+}
+fn default_ack_deadline_s() -> f64 {
+    5.0
 }
 fn default_fallback() -> String {
     "qos-greedy".into()
@@ -677,6 +690,12 @@ impl Config {
             p.add(
                 "broker.reconnect_max_s",
                 "must be at least broker.reconnect_min_s",
+            );
+        }
+        if !(b.ack_deadline_s.is_finite() && b.ack_deadline_s > 0.0 && b.ack_deadline_s <= 3600.0) {
+            p.add(
+                "broker.ack_deadline_s",
+                "must be more than 0 and at most 3600 seconds",
             );
         }
     }

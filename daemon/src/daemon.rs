@@ -207,9 +207,11 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     // rejected (an expert never checked is not up). Bounded by the health probe timeout.
     check_round(&shared).await;
     tasks.spawn(parts.publisher);
-    tasks.spawn(link::run_event_loop(
+    // Held apart from the other tasks: the drain waits for it to end after the DISCONNECT.
+    let mut event_loop = tokio::spawn(link::run_event_loop(
         parts.eventloop,
         parts.subscriber,
+        parts.acks,
         vec![config.request_filter(), config.feedback_filter()],
         incoming_tx,
         metrics.clone(),
@@ -219,7 +221,13 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         ),
         stop_link.clone(),
     ));
-    let dispatcher = tokio::spawn(dispatch(shared.clone(), incoming_rx, stop_dispatch.clone()));
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel();
+    let dispatcher = tokio::spawn(dispatch(
+        shared.clone(),
+        incoming_rx,
+        stop_dispatch.clone(),
+        drained_tx,
+    ));
     tasks.spawn(check_experts(shared.clone(), stop_background.clone()));
     tasks.spawn(sample_host(shared.clone(), stop_background.clone()));
     if let Some(addr) = config.metrics.listen {
@@ -262,14 +270,24 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         tokio::time::sleep(deadline).await;
         cut.cancel();
     });
+    // The requests in flight finish (or are cut at the deadline); meanwhile, and until the
+    // link closes, what still arrives is answered `shutting_down`.
+    let _ = drained_rx.await;
+    cutter.abort();
+    let _ = link.disconnect().await;
+    // The event loop polls on until the broker closes the connection after the DISCONNECT,
+    // so the last replies and acks go out; then it ends, and with it the dispatcher's input.
+    if tokio::time::timeout(Duration::from_secs(2), &mut event_loop)
+        .await
+        .is_err()
+    {
+        stop_link.cancel();
+        let _ = event_loop.await;
+    }
     match dispatcher.await {
         Ok(()) => {}
         Err(e) => tracing::error!(error = %e, "dispatcher task failed"),
     }
-    cutter.abort();
-    let _ = link.disconnect().await;
-    // Give the event loop a moment to flush the last replies and the DISCONNECT.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     stop_link.cancel();
     stop_background.cancel();
     while let Some(r) = tasks.join_next().await {
@@ -334,6 +352,7 @@ async fn dispatch(
     shared: Arc<Shared>,
     mut incoming: mpsc::Receiver<Incoming>,
     stop: CancellationToken,
+    drained: tokio::sync::oneshot::Sender<()>,
 ) {
     let config = shared.config();
     let mut limiter = DeviceRateLimiter::new(
@@ -350,18 +369,29 @@ async fn dispatch(
         let Some(message) = message else { break };
         admit(&shared, message, &mut limiter, &mut requests, false);
     }
-    // Draining: what still arrives is answered with `shutting_down`; in-flight requests finish
-    // (or are cut at the deadline).
+    // Draining: in-flight requests finish (or are cut at the deadline), then `drained` is
+    // told; what still arrives is answered with `shutting_down` until the link closes (the
+    // daemon stays subscribed until its DISCONNECT: what the broker hands over meanwhile
+    // must not go unanswered).
+    let mut drained = Some(drained);
     loop {
+        if requests.is_empty()
+            && let Some(d) = drained.take()
+        {
+            let _ = d.send(());
+        }
         tokio::select! {
             m = incoming.recv() => match m {
                 Some(message) => admit(&shared, message, &mut limiter, &mut requests, true),
                 None => break,
             },
-            r = requests.join_next() => if r.is_none() { break },
+            Some(_) = requests.join_next(), if !requests.is_empty() => {}
         }
     }
     while requests.join_next().await.is_some() {}
+    if let Some(d) = drained.take() {
+        let _ = d.send(());
+    }
 }
 
 fn admit(
@@ -374,11 +404,13 @@ fn admit(
     let now = Instant::now();
     let config = shared.config();
     let topic = message.topic();
+    // What is waiting to be acknowledged holds this, not the payload.
+    let delivery = message.delivery();
     let Some((kind, suffix)) = topics::parse_topic(&config.site, &topic) else {
         tracing::debug!(%topic, "not a qosroute topic");
         let s = shared.clone();
         requests.spawn(async move {
-            let _ = s.link.ack(&message, Lane::Refusals).await;
+            let _ = s.link.ack(delivery, Lane::Refusals).await;
         });
         return;
     };
@@ -395,7 +427,8 @@ fn admit(
         let s = shared.clone();
         requests.spawn(async move {
             apply_feedback(&s, &device, &message, encoding).await;
-            let _ = s.link.ack(&message, Lane::Refusals).await;
+            drop(message);
+            let _ = s.link.ack(delivery, Lane::Refusals).await;
         });
         return;
     }
@@ -416,7 +449,6 @@ fn admit(
                   text: &'static str,
                   outcome: Outcome,
                   id: String,
-                  message: Incoming,
                   requests: &mut JoinSet<()>| {
         shared.metrics.count(outcome);
         // Refused, not served: the device may send it again (the same id is a new request).
@@ -425,7 +457,7 @@ fn admit(
         let route = refusal.clone();
         requests.spawn(async move {
             serve::send_error(&s, &route, &id, code, text).await;
-            let _ = s.link.ack(&message, Lane::Refusals).await;
+            let _ = s.link.ack(delivery, Lane::Refusals).await;
         });
     };
     let request = match proto::decode_request(&message.publish.payload, encoding) {
@@ -442,7 +474,7 @@ fn admit(
             let text = error.to_string();
             requests.spawn(async move {
                 serve::send_error(&s, &route, &id, code, &text).await;
-                let _ = s.link.ack(&message, Lane::Refusals).await;
+                let _ = s.link.ack(delivery, Lane::Refusals).await;
             });
             return;
         }
@@ -462,7 +494,7 @@ fn admit(
             tracing::info!(device = %device, id = %id, "duplicate request (redelivery) ignored");
             let s = shared.clone();
             requests.spawn(async move {
-                let _ = s.link.ack(&message, Lane::Refusals).await;
+                let _ = s.link.ack(delivery, Lane::Refusals).await;
             });
             return;
         }
@@ -475,7 +507,6 @@ fn admit(
             "the gateway is shutting down",
             Outcome::ShuttingDown,
             id,
-            message,
             requests,
         );
     }
@@ -485,7 +516,6 @@ fn admit(
             "the request's deadline passed before it was served",
             Outcome::Expired,
             id,
-            message,
             requests,
         );
     }
@@ -495,7 +525,6 @@ fn admit(
             "this device sends faster than its rate limit",
             Outcome::RateLimited,
             id,
-            message,
             requests,
         );
     }
@@ -505,7 +534,6 @@ fn admit(
             "the gateway is at capacity; retry later",
             Outcome::Shed,
             id,
-            message,
             requests,
         );
     }
@@ -517,7 +545,7 @@ fn admit(
     let place = Place::take(shared, &device, &id);
     let s = shared.clone();
     requests.spawn(async move {
-        serve::serve_request(s, message, request, route, now, device).await;
+        serve::serve_request(s, delivery, request, route, now, device).await;
         drop(place);
     });
 }

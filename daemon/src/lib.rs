@@ -2,6 +2,7 @@
 //! router-side ledger, decisions, request serving, metrics. The binary (`src/main.rs`) only
 //! parses arguments and starts [`daemon::run`].
 
+pub mod ack_order;
 pub mod admission;
 pub mod config;
 pub mod daemon;

@@ -19,8 +19,10 @@
 //! request tasks never wait on rumqttc's own channel at once (its queue of waiting senders is
 //! scanned linearly, which made a burst of 20,000 requests quadratic), and under overload the
 //! answers of admitted requests do not queue behind thousands of `overloaded` replies. Within
-//! a lane the order is kept, so a request's reply always precedes its ack.
+//! a lane the order is kept, so a request's reply always precedes its ack. Acks then leave in
+//! the order the requests arrived, as MQTT requires ([`crate::ack_order`]).
 
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
@@ -30,6 +32,7 @@ use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::ack_order::AckOrder;
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
 
@@ -89,6 +92,12 @@ pub fn receive_maximum(max_in_flight: usize) -> u16 {
         .max(16)
 }
 
+/// Replies (QoS 1) the gateway keeps unacknowledged at the broker at most; more wait in
+/// rumqttc's request channel until the broker acknowledges. rumqttc preallocates a slot per
+/// possible packet id up to this bound (or the broker's receive maximum, mosquitto's is 65,535):
+/// without it that table alone took 13 MB of resident memory.
+pub const OUTGOING_INFLIGHT: u16 = 1024;
+
 /// The rumqttc options of a broker configuration, receiving at most `receive_maximum`
 /// unacknowledged publishes.
 pub fn mqtt_options(config: &BrokerConfig, receive_maximum: u16) -> Result<MqttOptions, LinkError> {
@@ -100,7 +109,8 @@ pub fn mqtt_options(config: &BrokerConfig, receive_maximum: u16) -> Result<MqttO
         .set_session_expiry_interval(Some(config.session_expiry_s))
         .set_manual_acks(true)
         .set_receive_maximum(Some(receive_maximum))
-        .set_max_packet_size(Some(256 * 1024));
+        .set_max_packet_size(Some(256 * 1024))
+        .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     // Replies and acks are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
     // until the broker's delayed ACK (~40 ms on Linux) whenever an earlier one is unacknowledged.
     let mut network = rumqttc::NetworkOptions::new();
@@ -141,9 +151,27 @@ pub fn mqtt_options(config: &BrokerConfig, receive_maximum: u16) -> Result<MqttO
 pub struct Incoming {
     /// The publish (payload, topic, properties); acknowledged through [`Link::ack`].
     pub publish: Publish,
+    /// Its place in the acknowledgement order ([`AckOrder::received`]).
+    pub seq: u64,
+}
+
+/// What acknowledges a delivery (its place in the order and its packet id): small, so that
+/// a request waiting to be acknowledged does not hold its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    seq: u64,
+    pkid: u16,
 }
 
 impl Incoming {
+    /// What acknowledges it ([`Link::ack`]).
+    pub fn delivery(&self) -> Delivery {
+        Delivery {
+            seq: self.seq,
+            pkid: self.publish.pkid,
+        }
+    }
+
     /// The topic as text (lossy).
     pub fn topic(&self) -> String {
         String::from_utf8_lossy(&self.publish.topic).into_owned()
@@ -169,7 +197,11 @@ pub enum Lane {
 #[derive(Debug)]
 enum Op {
     Publish(Outgoing),
-    Ack(Box<Publish>),
+    /// The outcome of delivery `seq` (packet id `pkid`) is final.
+    Ack {
+        seq: u64,
+        pkid: u16,
+    },
     /// Publishes everything queued in both lanes, then DISCONNECT; answers when done.
     Disconnect(oneshot::Sender<()>),
 }
@@ -220,9 +252,12 @@ impl Link {
 
     /// Queues the acknowledgement of a request (its outcome is final) in `lane`, after what
     /// that lane already holds.
-    pub async fn ack(&self, incoming: &Incoming, lane: Lane) -> Result<(), LinkClosed> {
+    pub async fn ack(&self, delivery: Delivery, lane: Lane) -> Result<(), LinkClosed> {
         self.lane(lane)
-            .send(Op::Ack(Box::new(incoming.publish.clone())))
+            .send(Op::Ack {
+                seq: delivery.seq,
+                pkid: delivery.pkid,
+            })
             .await
             .map_err(|_| LinkClosed)
     }
@@ -241,15 +276,87 @@ impl Link {
 /// Capacity of each publisher lane.
 const LANE_CAPACITY: usize = 4096;
 
+/// The acknowledgement order shared by the event loop (deliveries, reconnects) and the
+/// publisher (outcomes, acks).
+#[derive(Debug, Clone, Default)]
+pub struct SharedAckOrder(Arc<Mutex<AckOrder>>);
+
+impl SharedAckOrder {
+    fn lock(&self) -> MutexGuard<'_, AckOrder> {
+        // The order holds no invariant a panicking holder could break half-way.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// When the front of the acknowledgement line is acknowledged before its outcome is final
+/// ([`crate::ack_order`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AckPolicy {
+    /// After waiting this long.
+    pub deadline: Duration,
+    /// When more deliveries than this wait (three quarters of the receive maximum).
+    pub max_waiting: usize,
+}
+
+impl AckPolicy {
+    /// The policy of a gateway with this ack deadline and receive maximum.
+    pub fn new(deadline_s: f64, receive_maximum: u16) -> Self {
+        Self {
+            deadline: Duration::from_secs_f64(deadline_s.max(0.001)),
+            max_waiting: (usize::from(receive_maximum) * 3 / 4).max(1),
+        }
+    }
+}
+
+/// A PUBACK of packet id `pkid` through rumqttc.
+async fn send_ack(client: &AsyncClient, pkid: u16) -> bool {
+    let mut publish = Publish::new("", QoS::AtLeastOnce, Vec::new(), None);
+    publish.pkid = pkid;
+    client.ack(&publish).await.is_ok()
+}
+
 /// Hands the lanes' messages to rumqttc, the served lane first, until DISCONNECT or until
-/// every [`Link`] is dropped. A publish rumqttc refuses (its event loop is gone) is counted in
-/// `replies_dropped`.
+/// every [`Link`] is dropped; acks leave in arrival order (`acks`, `policy`). A publish rumqttc
+/// refuses (its event loop is gone) is counted in `replies_dropped`.
 async fn run_publisher(
     client: AsyncClient,
     mut served: mpsc::Receiver<Op>,
     mut refusals: mpsc::Receiver<Op>,
+    acks: SharedAckOrder,
+    policy: AckPolicy,
     metrics: std::sync::Arc<Metrics>,
 ) {
+    let early_before = std::sync::atomic::AtomicU64::new(0);
+    // Sends the acks due now; `seq`/`pkid`: an outcome that just became final.
+    let release = async |outcome: Option<(u64, u16)>| -> bool {
+        let mut due = Vec::new();
+        {
+            let mut order = acks.lock();
+            if let Some((seq, pkid)) = outcome {
+                order.done(seq, pkid);
+            }
+            order.due(
+                tokio::time::Instant::now().into_std(),
+                policy.deadline,
+                policy.max_waiting,
+                &mut due,
+            );
+            let early = order.early();
+            let before = early_before.swap(early, std::sync::atomic::Ordering::Relaxed);
+            if early > before {
+                metrics
+                    .acks_early
+                    .fetch_add(early - before, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let mut ok = true;
+        for pkid in due {
+            ok &= send_ack(&client, pkid).await;
+        }
+        ok
+    };
     let forward = async |op: Op| -> Option<oneshot::Sender<()>> {
         let ok = match op {
             Op::Publish(out) => {
@@ -270,7 +377,7 @@ async fn run_publisher(
                     .await
                     .is_ok()
             }
-            Op::Ack(publish) => client.ack(&publish).await.is_ok(),
+            Op::Ack { seq, pkid } => release(Some((seq, pkid))).await,
             Op::Disconnect(done) => return Some(done),
         };
         if !ok {
@@ -281,10 +388,15 @@ async fn run_publisher(
         None
     };
     loop {
+        let overdue = acks.lock().next_deadline(policy.deadline);
         let op = tokio::select! {
             biased;
             Some(op) = served.recv() => op,
             Some(op) = refusals.recv() => op,
+            () = sleep_until_std(overdue) => {
+                release(None).await;
+                continue;
+            }
             else => return,
         };
         let Some(done) = forward(op).await else {
@@ -302,11 +414,24 @@ async fn run_publisher(
         for op in pending {
             waiting.extend(forward(op).await);
         }
+        let mut last = Vec::new();
+        acks.lock().done_at_disconnect(&mut last);
+        for pkid in last {
+            send_ack(&client, pkid).await;
+        }
         let _ = client.disconnect().await;
         for done in waiting {
             let _ = done.send(());
         }
         return;
+    }
+}
+
+/// Sleeps until `at`, forever when `None`.
+async fn sleep_until_std(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -325,11 +450,21 @@ pub fn connect(
         served: served_tx,
         refusals: refusals_tx,
     };
-    let publisher = run_publisher(client.clone(), served_rx, refusals_rx, metrics);
+    let acks = SharedAckOrder::default();
+    let policy = AckPolicy::new(config.ack_deadline_s, receive_maximum);
+    let publisher = run_publisher(
+        client.clone(),
+        served_rx,
+        refusals_rx,
+        acks.clone(),
+        policy,
+        metrics,
+    );
     Ok(LinkParts {
         link,
         eventloop,
         subscriber: client,
+        acks,
         publisher,
     })
 }
@@ -343,15 +478,19 @@ pub struct LinkParts<P> {
     pub eventloop: EventLoop,
     /// The client [`run_event_loop`] subscribes with.
     pub subscriber: AsyncClient,
+    /// The acknowledgement order, for [`run_event_loop`].
+    pub acks: SharedAckOrder,
     /// The publisher task, to spawn.
     pub publisher: P,
 }
 
 /// Polls the event loop until `cancel`: forwards request and feedback publishes to `incoming`,
 /// (re)subscribes `filters` after every session-less CONNACK, backs off between failed polls.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_event_loop(
     mut eventloop: EventLoop,
     subscriber: AsyncClient,
+    acks: SharedAckOrder,
     filters: Vec<String>,
     incoming: mpsc::Sender<Incoming>,
     metrics: std::sync::Arc<Metrics>,
@@ -374,6 +513,7 @@ pub async fn run_event_loop(
                     .mqtt_connections
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 delay = min;
+                acks.lock().connected();
                 tracing::info!(
                     session_present = ack.session_present,
                     "connected to the broker"
@@ -385,7 +525,12 @@ pub async fn run_event_loop(
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 // Waits while the dispatcher is busy: the broker then holds the requests.
                 // The dispatcher never waits on this loop, so this cannot deadlock.
-                if incoming.send(Incoming { publish }).await.is_err() {
+                let seq = acks.lock().received(
+                    publish.pkid,
+                    publish.dup,
+                    tokio::time::Instant::now().into_std(),
+                );
+                if incoming.send(Incoming { publish, seq }).await.is_err() {
                     break;
                 }
             }

@@ -117,6 +117,9 @@ pub struct Metrics {
     pub mqtt_connections: AtomicU64,
     /// Replies that could not be published (the broker link was gone for good).
     pub replies_dropped: AtomicU64,
+    /// Requests acknowledged to the broker before their outcome was final (the ack deadline,
+    /// or the broker's window nearly full: see `broker.ack_deadline_s`).
+    pub acks_early: AtomicU64,
     /// Device feedback messages applied.
     pub feedback: AtomicU64,
 }
@@ -191,6 +194,11 @@ impl Metrics {
                 "qosroute_replies_dropped_total",
                 "Replies that could not be published.",
                 &self.replies_dropped,
+            ),
+            (
+                "qosroute_acks_early_total",
+                "Requests acknowledged to the broker before their outcome was final.",
+                &self.acks_early,
             ),
             (
                 "qosroute_feedback_total",

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::daemon::Shared;
 use crate::ledger::Dispatched;
-use crate::link::{Incoming, Lane, Outgoing};
+use crate::link::{Delivery, Lane, Outgoing};
 use crate::metrics::Outcome;
 
 /// Where and how replies to one request go.
@@ -91,7 +91,7 @@ pub async fn send_error(
 /// Serves one decoded request to its end and acknowledges it to the broker.
 pub async fn serve_request(
     shared: Arc<Shared>,
-    incoming: Incoming,
+    delivery: Delivery,
     request: proto::Request,
     route: ReplyRoute,
     arrived_at: Instant,
@@ -99,7 +99,7 @@ pub async fn serve_request(
 ) {
     let outcome = serve(&shared, &request, &route, arrived_at, &device).await;
     shared.metrics.count(outcome);
-    if shared.link.ack(&incoming, route.lane).await.is_err() {
+    if shared.link.ack(delivery, route.lane).await.is_err() {
         tracing::debug!("ack not sent: the broker link is gone (the broker will redeliver)");
     }
 }
