@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Installs the mosquitto broker (Debian's package) when it is missing: the daemon's tests, the
-# hardware-in-loop suite and `qosroute demo` run a real broker. Run from anywhere.
+# Installs the mosquitto broker and its command-line clients (Debian's packages) when missing:
+# the daemon's tests, the hardware-in-loop suite (which also publishes with mosquitto_pub and
+# reads with mosquitto_sub) and `qosroute demo` run a real broker. Run from anywhere.
 set -euo pipefail
-if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 \
+  || need+=(mosquitto-clients)
+if [ "${#need[@]}" = 0 ]; then
   exit 0
 fi
-echo "installing mosquitto (a real MQTT broker for the gateway)" >&2
+echo "installing ${need[*]} (a real MQTT broker and clients for the gateway)" >&2
 if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-$sudo apt-get install -y mosquitto >/dev/null 2>&1 \
-  || { $sudo apt-get update >/dev/null && $sudo apt-get install -y mosquitto >/dev/null; }
+$sudo apt-get install -y "${need[@]}" >/dev/null 2>&1 \
+  || { $sudo apt-get update >/dev/null && $sudo apt-get install -y "${need[@]}" >/dev/null; }

@@ -12,7 +12,7 @@ use qosroute_core::{ExpertProfile, LatencyModel};
 use qosroute_emulator::{EmulatedExpert, EmulatorOptions, Faults};
 use qosroute_proto::{self as proto, Encoding, ErrorCode, Reply, Task};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use support::{Broker, Daemon, Device};
+use support::{Broker, Daemon, Device, start_daemon};
 
 const SITE: &str = "test";
 
@@ -157,7 +157,7 @@ async fn a_json_request_streams_chunks_then_one_final_on_its_response_topic() {
         expert("a", Faults::default()).await,
         expert("b", Faults::default()).await,
     );
-    let daemon = Daemon::start(&config(&broker, &[(&a, "a"), (&b, "b")], ""));
+    let daemon = start_daemon(&config(&broker, &[(&a, "a"), (&b, "b")], ""));
     until_up(&daemon, &["a", "b"]).await;
     let mut device = Device::connect(broker.port, "dev-json", &["answers/dev-json"]).await;
     let props = PublishProperties {
@@ -214,7 +214,7 @@ async fn a_json_request_streams_chunks_then_one_final_on_its_response_topic() {
 async fn postcard_and_mqtt311_devices_are_answered_on_their_device_topics() {
     let broker = Broker::start();
     let a = expert("a", Faults::default()).await;
-    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    let daemon = start_daemon(&config(&broker, &[(&a, "a")], ""));
     until_up(&daemon, &["a"]).await;
 
     // Postcard over the `/pc` suffix, no MQTT 5 properties: reply on resp/{device}, postcard.
@@ -288,7 +288,7 @@ async fn postcard_and_mqtt311_devices_are_answered_on_their_device_topics() {
 async fn malformed_and_oversized_payloads_get_error_replies_and_valid_ones_still_succeed() {
     let broker = Broker::start();
     let a = expert("a", Faults::default()).await;
-    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    let daemon = start_daemon(&config(&broker, &[(&a, "a")], ""));
     until_up(&daemon, &["a"]).await;
     let topic = format!("qosroute/v1/{SITE}/resp/dev-bad");
     let mut device = Device::connect(broker.port, "dev-bad", &[&topic]).await;
@@ -387,7 +387,7 @@ async fn an_expert_failing_before_its_first_token_is_retried_and_one_dying_mid_s
         "",
     );
     cfg = cfg.replacen("default = 0.6", "default = 0.9", 1);
-    let daemon = Daemon::start(&cfg);
+    let daemon = start_daemon(&cfg);
     until_up(&daemon, &["broken", "good"]).await;
     let topic = format!("qosroute/v1/{SITE}/resp/dev-r");
     let mut device = Device::connect(broker.port, "dev-r", &[&topic]).await;
@@ -406,7 +406,7 @@ async fn an_expert_failing_before_its_first_token_is_retried_and_one_dying_mid_s
     assert!(daemon.metric("qosroute_retries_total").unwrap() >= 1.0);
     drop(daemon);
 
-    let daemon = Daemon::start(&config(&broker, &[(&dying, "dying")], ""));
+    let daemon = start_daemon(&config(&broker, &[(&dying, "dying")], ""));
     until_up(&daemon, &["dying"]).await;
     device
         .publish(
@@ -426,7 +426,7 @@ async fn an_expert_failing_before_its_first_token_is_retried_and_one_dying_mid_s
 async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     let broker = Broker::start();
     let a = expert("a", Faults::default()).await;
-    let mut daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    let mut daemon = start_daemon(&config(&broker, &[(&a, "a")], ""));
     until_up(&daemon, &["a"]).await;
     let topic = format!("qosroute/v1/{SITE}/resp/dev-d");
     let mut device = Device::connect(broker.port, "dev-d", &[&topic]).await;
@@ -538,7 +538,7 @@ async fn online_calibration_moves_a_misconfigured_latency_model_toward_the_exper
     // The emulated expert's decode step is 5 ms; the config says 10 ms.
     let cfg =
         config(&broker, &[(&a, "a")], "").replace("decode_t0_s = 0.005", "decode_t0_s = 0.010");
-    let daemon = Daemon::start(&cfg);
+    let daemon = start_daemon(&cfg);
     until_up(&daemon, &["a"]).await;
     let t0 = || {
         daemon
@@ -578,7 +578,7 @@ async fn sighup_applies_a_valid_reload_and_keeps_the_old_config_on_a_bad_one() {
         expert("a", Faults::default()).await,
         expert("b", Faults::default()).await,
     );
-    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    let daemon = start_daemon(&config(&broker, &[(&a, "a")], ""));
     until_up(&daemon, &["a"]).await;
     assert_eq!(daemon.metric("qosroute_expert_up{expert=\"b\"}"), None);
     let metrics_line = format!("listen = \"127.0.0.1:{}\"", daemon.metrics_port);
@@ -621,7 +621,7 @@ async fn sighup_applies_a_valid_reload_and_keeps_the_old_config_on_a_bad_one() {
 async fn a_device_over_its_rate_gets_an_explicit_rate_limited_reply() {
     let broker = Broker::start();
     let a = expert("a", Faults::default()).await;
-    let daemon = Daemon::start(&config(
+    let daemon = start_daemon(&config(
         &broker,
         &[(&a, "a")],
         "[admission]\ndevice_rate_per_s = 0.5\ndevice_burst = 2.0\n",
@@ -667,7 +667,7 @@ async fn a_device_over_its_rate_gets_an_explicit_rate_limited_reply() {
 async fn feedback_on_an_answered_request_is_applied_and_unknown_ids_are_ignored() {
     let broker = Broker::start();
     let a = expert("a", Faults::default()).await;
-    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    let daemon = start_daemon(&config(&broker, &[(&a, "a")], ""));
     until_up(&daemon, &["a"]).await;
     let topic = format!("qosroute/v1/{SITE}/resp/dev-f");
     let mut device = Device::connect(broker.port, "dev-f", &[&topic]).await;
@@ -723,7 +723,7 @@ async fn feedback_on_an_answered_request_is_applied_and_unknown_ids_are_ignored(
 async fn after_a_broker_restart_the_daemon_reconnects_resubscribes_and_serves() {
     let mut broker = Broker::start();
     let a = expert("a", Faults::default()).await;
-    let daemon = Daemon::start(&config(&broker, &[(&a, "a")], ""));
+    let daemon = start_daemon(&config(&broker, &[(&a, "a")], ""));
     until_up(&daemon, &["a"]).await;
     assert_eq!(daemon.metric("qosroute_mqtt_connections_total"), Some(1.0));
     broker.restart(Duration::from_millis(500));
@@ -764,7 +764,7 @@ async fn an_invalid_model_file_falls_back_to_qos_greedy_and_counts_it() {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../policy-model/models/han"),
         dir.0.to_str().unwrap(),
     );
-    let daemon = Daemon::start(&cfg);
+    let daemon = start_daemon(&cfg);
     until_up(&daemon, &["a"]).await;
     assert!(
         daemon.log_text().contains("learned router unusable"),
@@ -803,7 +803,7 @@ async fn host_telemetry_feeds_local_experts_and_an_unobservable_device_counts_as
     cfg.push_str(&local(expert_section(&here, "here"), "cpu"));
     // This host has no GPU of that name: its load is unknown, so never idle.
     cfg.push_str(&local(expert_section(&gpu, "gpu-here"), "gpu:no-such-gpu"));
-    let daemon = Daemon::start(&cfg);
+    let daemon = start_daemon(&cfg);
     until_up(&daemon, &["here", "gpu-here"]).await;
     let foreign = |name: &str| {
         daemon

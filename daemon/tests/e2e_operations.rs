@@ -17,7 +17,9 @@ use qosroute_core::{ExpertProfile, LatencyModel};
 use qosroute_emulator::{EmulatedExpert, EmulatorOptions};
 use qosroute_proto::{self as proto, Encoding, ErrorCode, Reply, Task};
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
-use support::{Broker, BrokerOptions, Daemon, Device, DeviceOptions, Pki};
+use support::{
+    Broker, BrokerOptions, Daemon, Device, DeviceOptions, Pki, start_daemon, start_daemon_with_env,
+};
 
 const SITE: &str = "ops";
 
@@ -319,7 +321,7 @@ async fn at_max_in_flight_a_burst_is_shed_with_overloaded_and_every_request_ends
     // 100 tokens at 10 ms a step: an admitted request holds its place for over a second, far
     // longer than the burst takes to arrive.
     let a = expert("a", 2.0).await;
-    let daemon = Daemon::start(&config(
+    let daemon = start_daemon(&config(
         &broker.url(),
         "qosrouted-shed",
         "",
@@ -385,7 +387,7 @@ async fn at_max_in_flight_a_burst_is_shed_with_overloaded_and_every_request_ends
 async fn a_shed_request_retried_with_the_same_id_is_served() {
     let broker = Broker::start();
     let a = expert("a", 2.0).await;
-    let daemon = Daemon::start(&config(
+    let daemon = start_daemon(&config(
         &broker.url(),
         "qosrouted-retry",
         "",
@@ -440,7 +442,7 @@ async fn a_shed_request_retried_with_the_same_id_is_served() {
 async fn error_replies_do_not_take_the_places_of_requests_at_max_in_flight() {
     let broker = Broker::start();
     let a = expert("a", 1.0).await;
-    let daemon = Daemon::start(&config(
+    let daemon = start_daemon(&config(
         &broker.url(),
         "qosrouted-places",
         "",
@@ -495,7 +497,7 @@ async fn sighup_under_load_swaps_experts_and_every_request_still_ends_once() {
         &[(&a, "a", 0.9), (&b, "b", 0.3)],
         NO_RATE_LIMIT,
     );
-    let daemon = Daemon::start(&before);
+    let daemon = start_daemon(&before);
     until_ready(&daemon, &["a", "b"]).await;
     let after = config(
         &broker.url(),
@@ -601,7 +603,7 @@ async fn sighup_under_load_swaps_experts_and_every_request_still_ends_once() {
 /// it checks its experts before it connects.)
 async fn start_behind_a_stopped_broker(broker: &mut Broker, cfg: &str, experts: &[&str]) -> Daemon {
     broker.stop_gracefully();
-    let daemon = Daemon::start(cfg);
+    let daemon = start_daemon(cfg);
     until_up(&daemon, experts).await;
     broker.start_again();
     daemon
@@ -634,7 +636,7 @@ async fn kill_mid_request_and_restart(broker_down_at_restart: bool) {
         &[(&a, "a", 0.6)],
         "",
     );
-    let mut first = Daemon::start(&cfg);
+    let mut first = start_daemon(&cfg);
     until_ready(&first, &["a"]).await;
     let mut device = Device::connect_with(
         broker.port,
@@ -679,7 +681,7 @@ async fn kill_mid_request_and_restart(broker_down_at_restart: bool) {
     let second = if broker_down_at_restart {
         start_behind_a_stopped_broker(&mut broker, &cfg, &["a"]).await
     } else {
-        Daemon::start(&cfg)
+        start_daemon(&cfg)
     };
     let everything: Vec<String> = in_flight.iter().chain(&while_down).cloned().collect();
     collect(&mut device, &mut replies, Duration::from_secs(20), |r| {
@@ -749,7 +751,7 @@ async fn requests_redelivered_after_a_broker_restart_are_not_served_twice() {
     });
     // 120 tokens at 15 ms a step: each request outlives the broker's restart.
     let a = expert("a", 3.0).await;
-    let daemon = Daemon::start(&config(
+    let daemon = start_daemon(&config(
         &broker.url(),
         "qosrouted-dedup",
         "session_expiry_s = 600",
@@ -828,7 +830,7 @@ async fn a_redelivery_of_a_request_still_in_flight_is_not_acked_before_its_answe
         &[(&a, "a", 0.6)],
         "",
     );
-    let mut first = Daemon::start(&cfg);
+    let mut first = start_daemon(&cfg);
     until_ready(&first, &["a"]).await;
     let mut device = Device::connect_with(
         broker.port,
@@ -920,7 +922,7 @@ async fn the_daemon_and_its_devices_use_a_tls_broker_with_passwords() {
         ..BrokerOptions::default()
     });
     let a = expert("a", 1.0).await;
-    let daemon = Daemon::start_with_env(
+    let daemon = start_daemon_with_env(
         &config(
             &format!("mqtts://127.0.0.1:{}", broker.port),
             "qosrouted-tls",
@@ -977,7 +979,7 @@ async fn a_refused_broker_password_is_logged_and_retried_until_the_broker_accept
         "",
     );
     let right_var = "QOSROUTE_TEST_MQTT_PASSWORD_RIGHT";
-    let mut daemon = Daemon::start_with_env(
+    let mut daemon = start_daemon_with_env(
         &wrong,
         &[
             (PASSWORD_VAR, "not-the-password"),
@@ -1136,8 +1138,8 @@ async fn a_shared_group_splits_requests_and_the_survivor_takes_them_all_after_a_
             NO_RATE_LIMIT,
         )
     };
-    let mut one = Daemon::start(&member("qosrouted-g1"));
-    let two = Daemon::start(&member("qosrouted-g2"));
+    let mut one = start_daemon(&member("qosrouted-g1"));
+    let two = start_daemon(&member("qosrouted-g2"));
     until_ready(&one, &["a"]).await;
     until_ready(&two, &["a"]).await;
     let mut devices = shared_group_devices(&broker, 4, &DeviceOptions::default()).await;
@@ -1190,8 +1192,8 @@ async fn in_a_shared_group_a_killed_members_session_holds_its_share_until_it_ret
             NO_RATE_LIMIT,
         )
     };
-    let mut one = Daemon::start(&member("qosrouted-p1"));
-    let two = Daemon::start(&member("qosrouted-p2"));
+    let mut one = start_daemon(&member("qosrouted-p1"));
+    let two = start_daemon(&member("qosrouted-p2"));
     until_ready(&one, &["a"]).await;
     until_ready(&two, &["a"]).await;
     // The devices keep their sessions across the broker restart below.
@@ -1278,7 +1280,7 @@ async fn finished_requests_are_not_foreign_load() {
     // 40 tokens at about 26 ms a step with 8 running: the wave lasts about a second, so several
     // scrapes (every 0.2 s) see it.
     let a = expert("a", 4.0).await;
-    let daemon = Daemon::start(&config(
+    let daemon = start_daemon(&config(
         &broker.url(),
         "qosrouted-foreign",
         "",
@@ -1334,7 +1336,7 @@ async fn requests_that_expire_while_the_daemon_is_down_are_not_served() {
         // Every admitted request is logged with its id.
         "[logging]\nlog_prompts = true\n",
     );
-    let mut first = Daemon::start(&cfg);
+    let mut first = start_daemon(&cfg);
     until_ready(&first, &["a"]).await;
     let mut device = Device::connect_with(
         broker.port,
@@ -1395,7 +1397,7 @@ async fn requests_that_expire_while_the_daemon_is_down_are_not_served() {
 async fn a_request_past_its_deadline_gets_an_expired_reply_and_one_within_it_is_served() {
     let broker = Broker::start();
     let a = expert("a", 1.0).await;
-    let daemon = Daemon::start(&config(
+    let daemon = start_daemon(&config(
         &broker.url(),
         "qosrouted-deadline",
         "",
