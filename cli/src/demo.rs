@@ -1,5 +1,5 @@
-//! `qosroute demo`: the whole system on one machine in about a minute. An MQTT broker (mosquitto,
-//! the embedded rumqttd, or `--broker URL`), the six edge-mixed experts emulated in-process, the real
+//! `qosroute demo`: the whole system on one machine in about a minute. An MQTT broker (the
+//! embedded rumqttd, mosquitto, or `--broker URL`), the six edge-mixed experts emulated in-process, the real
 //! `qosrouted` binary with a generated config, and a swarm of simulated devices replaying a
 //! slice of the Azure conversation trace; a live view while it runs, then a table, JSON and SVG
 //! plots. `--compare` runs the same slice through several routers, each with a fresh daemon and
@@ -49,10 +49,9 @@ pub struct DemoArgs {
     /// experts each time), e.g. `han,qos-greedy,least-loaded`. Overrides --policy.
     #[arg(long, value_delimiter = ',')]
     compare: Option<Vec<String>>,
-    /// The MQTT broker: `auto` (mosquitto if installed), `mosquitto`, `embedded` (rumqttd in this
-    /// process; it disconnects qosrouted, see the README), or the URL of a running broker
-    /// (mqtt://HOST:PORT).
-    #[arg(long, default_value = "auto")]
+    /// The MQTT broker: `embedded` (rumqttd in this process: nothing to install), `mosquitto`
+    /// (started here; Debian's `mosquitto`), or the URL of a running broker (mqtt://HOST:PORT).
+    #[arg(long, default_value = "embedded")]
     broker: String,
     /// Expert catalogue (TOML) to emulate.
     #[arg(long, default_value = "configs/experts/edge-mixed.toml")]
@@ -313,7 +312,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
                 "experts run {}x faster than the hardware they model; the daemon's latency models and SLOs are scaled by 1/{} to match; latencies here are wall-clock",
                 args.speed, args.speed
             ),
-            "avg_qos is computed by the devices from the quality table (the true quality of the answering expert's model on the request's row, 0 when the SLO is missed, errors and lost requests 0): the daemon forwards neither the task nor the quality-table row to the experts, so they report no quality and the daemon's qosroute_qos_* stay at 0".into(),
+            "avg_qos is computed by the devices from the quality table (the true quality of the answering expert's model on the request's row, 0 when the SLO is missed, errors and lost requests 0); the daemon's (qosroute_qos_*) from what the emulated experts report through the qosroute extension: their model's mean quality on the request's task (the daemon forwards the task, not the row)".into(),
             "answers are at most 128 tokens (the emulator's default answer length) and prompts at most 2048 tokens (8 KiB, the wire bound): the daemon does not forward the expected output length".into(),
         ],
     };
@@ -699,7 +698,7 @@ impl Broker {
         match self {
             Broker::External(url) => format!("broker {url}"),
             Broker::Embedded(url) => {
-                format!("embedded rumqttd at {url} (loses requests, see README)")
+                format!("embedded rumqttd at {url}")
             }
             Broker::Mosquitto { url, .. } => format!("mosquitto at {url}"),
         }
@@ -734,9 +733,9 @@ pub(crate) fn find_mosquitto() -> Option<&'static str> {
 
 async fn start_broker(args: &DemoArgs, scratch: &Scratch) -> anyhow::Result<Broker> {
     let choice = args.broker.as_str();
-    if !matches!(choice, "auto" | "mosquitto" | "embedded") {
+    if !matches!(choice, "mosquitto" | "embedded") {
         qosroute_swarm::parse_broker_url(choice)
-            .map_err(|e| anyhow::anyhow!("--broker: {e} (or auto, mosquitto, embedded)"))?;
+            .map_err(|e| anyhow::anyhow!("--broker: {e} (or embedded, mosquitto)"))?;
         return Ok(Broker::External(choice.to_owned()));
     }
     let port = free_port()?;
@@ -751,15 +750,10 @@ async fn start_broker(args: &DemoArgs, scratch: &Scratch) -> anyhow::Result<Brok
         .await?;
         return Ok(Broker::Embedded(url));
     }
-    // rumqttd 0.20 (the embedded broker) closes a client's connection at its first
-    // out-of-order PUBACK, and qosrouted acknowledges each request when its answer is complete,
-    // so out of order: the demo would lose requests. Hence mosquitto by default.
     let Some(exe) = find_mosquitto() else {
         bail!(
-            "the demo needs an MQTT broker: install mosquitto (e.g. `apt-get install mosquitto`) or \
-             pass --broker mqtt://HOST:PORT. (The embedded broker, --broker embedded, is rumqttd \
-             0.20: it disconnects a client whose acknowledgements come out of order, which \
-             qosrouted's do, so requests get lost.)"
+            "--broker mosquitto: mosquitto is not installed (e.g. `apt-get install mosquitto`); \
+             the default, --broker embedded, needs nothing"
         )
     };
     let conf = scratch.0.join("mosquitto.conf");
@@ -924,7 +918,7 @@ fn daemon_config(
         let l = &profile.latency;
         let _ = writeln!(
             c,
-            "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = \"vllm\"\nquality_model = {}\nmax_slots = {}\nkv_tokens = {}\nhardware = {}\n[expert.latency]\nprefill_tok_s = {:e}\ndecode_t0_s = {:e}\ndecode_d_s_per_seq = {:e}\ndecode_e_s_per_ctx_token = {:e}\n[expert.quality]",
+            "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = \"vllm\"\nqosroute_extension = true\nquality_model = {}\nmax_slots = {}\nkv_tokens = {}\nhardware = {}\n[expert.latency]\nprefill_tok_s = {:e}\ndecode_t0_s = {:e}\ndecode_d_s_per_seq = {:e}\ndecode_e_s_per_ctx_token = {:e}\n[expert.quality]",
             toml_str(&profile.name),
             toml_str(&expert.base_url()),
             toml_str(expert.model_name()),

@@ -316,6 +316,11 @@ pub struct ExpertConfig {
     /// NAME, e.g. `gpu:nvml1` or `gpu:tegra`). Its load unknown or stale counts as saturated.
     #[serde(default)]
     pub device: Option<String>,
+    /// Send the `qosroute` extension object (the request's task) with each chat completion:
+    /// for experts that understand it (`qosroute emulate` answers with the quality its model
+    /// has on the task, which feeds `qosroute_qos_*`). Real servers may refuse unknown fields.
+    #[serde(default)]
+    pub qosroute_extension: bool,
 }
 
 /// The device a local expert computes on, as host telemetry names it.

@@ -215,6 +215,7 @@ async fn serve(
             route,
             &client,
             &expert,
+            device,
             core_request.id,
             task,
             slo,
@@ -222,10 +223,7 @@ async fn serve(
         )
         .await
         {
-            Ok(outcome) => {
-                shared.answered(device, id, &expert, task);
-                return outcome;
-            }
+            Ok(outcome) => return outcome,
             Err(Failure::BeforeFirstToken(error)) => {
                 tracing::warn!(expert = %expert, %error, attempt, "expert failed before the first token; retrying elsewhere");
                 shared
@@ -301,13 +299,26 @@ async fn stream_answer(
     route: &ReplyRoute,
     client: &qosroute_expert_client::ExpertClient,
     expert: &str,
+    device: &str,
     key: u64,
     task: Task,
     slo: f64,
     arrived_at: Instant,
 ) -> Result<Outcome, Failure> {
     let id = request.id.as_str();
-    let chat = ChatRequest::from_prompt(request.prompt.as_str(), request.max_tokens);
+    let mut chat = ChatRequest::from_prompt(request.prompt.as_str(), request.max_tokens);
+    let extension = shared
+        .config()
+        .experts
+        .iter()
+        .any(|e| e.name == expert && e.qosroute_extension);
+    if extension {
+        // The emulator's extension: it answers with the quality its model has on this task.
+        chat.extra.insert(
+            "qosroute".into(),
+            serde_json::json!({ "task": task.as_str() }),
+        );
+    }
     let dispatched_at = Instant::now();
     let mut stream = match client.chat(chat).await {
         Ok(s) => s,
@@ -410,6 +421,8 @@ async fn stream_answer(
                     s_per_token as f32,
                     slo_met,
                 );
+                // Recorded before the final goes out: a device may rate the answer at once.
+                shared.answered(device, id, expert, task);
                 match fin {
                     Ok(f) => send(shared, route, &proto::Reply::Final(f)).await,
                     Err(error) => {
