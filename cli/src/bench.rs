@@ -789,7 +789,7 @@ async fn e2e(args: &E2eArgs, router: &Router) -> anyhow::Result<E2eReport> {
     std::fs::write(
         &conf,
         format!(
-            "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_inflight_messages 0\n"
+            "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
         ),
     )?;
     let mosquitto = ChildGuard::spawn(
