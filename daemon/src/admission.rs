@@ -1,6 +1,6 @@
 //! Admission control: per-device token buckets and duplicate suppression.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -77,30 +77,59 @@ pub enum Seen {
     Done,
 }
 
+/// A request's identity, (device, request id), as a 64-bit keyed hash: what the daemon
+/// remembers of a request costs the same whatever the ids' lengths (a collision, about 1 in
+/// 10^9 among 65,536 remembered requests, would take a new request for a known one).
+#[derive(Debug, Clone, Default)]
+pub struct RequestKeys(std::hash::RandomState);
+
+impl RequestKeys {
+    /// The key of `id` from `device`.
+    pub fn key(&self, device: &str, id: &str) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.0.build_hasher();
+        device.hash(&mut h);
+        id.hash(&mut h);
+        h.finish()
+    }
+}
+
 /// Requests seen recently, by (device, request id): a redelivered request (the broker resends
-/// what was not yet acknowledged after a reconnect) is not served twice.
+/// what was not yet acknowledged after a reconnect) or one a device sends again is not served
+/// twice.
 ///
-/// An entry lives `ttl` from its last change, whether the request is in flight or done (the
-/// ttl must exceed the longest a request can be served).
+/// A request in flight is remembered until it is done; a done one for `ttl`, and only the
+/// latest `capacity` done ones: memory stays bounded at any request rate. The broker only
+/// redelivers what is not acknowledged (at most the receive maximum), so `capacity` well
+/// above that keeps every redelivery recognised.
 #[derive(Debug)]
 pub struct RecentRequests {
     ttl: Duration,
+    capacity: usize,
+    keys: RequestKeys,
     /// When each request was last recorded, and whether its outcome is final.
-    seen: HashMap<(String, String), (Instant, bool)>,
+    seen: HashMap<u64, (Instant, bool)>,
+    /// Done requests in the order they were done (a key done again appears twice; only the
+    /// entry that matches `seen` counts).
+    done_order: VecDeque<(u64, Instant)>,
     last_sweep: Option<Instant>,
 }
 
 impl RecentRequests {
-    /// Remembers requests for `ttl`.
-    pub fn new(ttl: Duration) -> Self {
+    /// Remembers done requests for `ttl`, the latest `capacity` of them.
+    pub fn new(ttl: Duration, capacity: usize) -> Self {
         Self {
             ttl,
+            capacity: capacity.max(1),
+            keys: RequestKeys::default(),
             seen: HashMap::new(),
+            done_order: VecDeque::new(),
             last_sweep: None,
         }
     }
 
-    /// Records the request; false when it was already seen within the ttl (in flight or done).
+    /// Records the request; false when it was already seen (in flight, or done within the
+    /// ttl).
     pub fn first_time(&mut self, device: &str, id: &str, now: Instant) -> bool {
         self.admit(device, id, now) == Seen::New
     }
@@ -108,15 +137,10 @@ impl RecentRequests {
     /// Records a new request as in flight, or tells how a known one stands.
     pub fn admit(&mut self, device: &str, id: &str, now: Instant) -> Seen {
         self.sweep(now);
-        let key = (device.to_owned(), id.to_owned());
+        let key = self.keys.key(device, id);
         match self.seen.get(&key) {
-            Some((at, done)) if now.saturating_duration_since(*at) < self.ttl => {
-                if *done {
-                    Seen::Done
-                } else {
-                    Seen::InFlight
-                }
-            }
+            Some((_, false)) => Seen::InFlight,
+            Some((at, true)) if now.saturating_duration_since(*at) < self.ttl => Seen::Done,
             _ => {
                 self.seen.insert(key, (now, false));
                 Seen::New
@@ -127,14 +151,18 @@ impl RecentRequests {
     /// The request's outcome is final (its answer or error reply is out): from now on a
     /// redelivery of it is [`Seen::Done`].
     pub fn finished(&mut self, device: &str, id: &str, now: Instant) {
-        self.seen
-            .insert((device.to_owned(), id.to_owned()), (now, true));
+        let key = self.keys.key(device, id);
+        self.seen.insert(key, (now, true));
+        self.done_order.push_back((key, now));
+        while self.done_order.len() > self.capacity {
+            self.evict_oldest_done();
+        }
     }
 
     /// Forgets a request that was refused without being served (rate limited, shed): the
     /// device may send it again with the same id, and that is a new request.
     pub fn forget(&mut self, device: &str, id: &str) {
-        self.seen.remove(&(device.to_owned(), id.to_owned()));
+        self.seen.remove(&self.keys.key(device, id));
     }
 
     /// Requests remembered.
@@ -147,16 +175,88 @@ impl RecentRequests {
         self.seen.is_empty()
     }
 
+    fn evict_oldest_done(&mut self) {
+        if let Some((key, at)) = self.done_order.pop_front()
+            && self.seen.get(&key) == Some(&(at, true))
+        {
+            self.seen.remove(&key);
+        }
+    }
+
     fn sweep(&mut self, now: Instant) {
         if self
             .last_sweep
             .is_none_or(|t| now.saturating_duration_since(t) >= self.ttl / 4)
         {
-            let ttl = self.ttl;
-            self.seen
-                .retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
+            while self
+                .done_order
+                .front()
+                .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= self.ttl)
+            {
+                self.evict_oldest_done();
+            }
             self.last_sweep = Some(now);
         }
+    }
+}
+
+/// Which expert answered each recent request (and its task), for the devices' feedback: the
+/// latest `capacity` answers, so memory stays bounded at any request rate.
+#[derive(Debug)]
+pub struct RecentAnswers {
+    capacity: usize,
+    keys: RequestKeys,
+    by_request: HashMap<u64, (std::sync::Arc<str>, qosroute_core::Task)>,
+    order: VecDeque<u64>,
+}
+
+impl RecentAnswers {
+    /// Remembers the latest `capacity` answers.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            keys: RequestKeys::default(),
+            by_request: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// `expert` answered `id` from `device`, a request of `task`.
+    pub fn answered(
+        &mut self,
+        device: &str,
+        id: &str,
+        expert: std::sync::Arc<str>,
+        task: qosroute_core::Task,
+    ) {
+        let key = self.keys.key(device, id);
+        if self.by_request.insert(key, (expert, task)).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.by_request.remove(&old);
+            }
+        }
+    }
+
+    /// Who answered `id` from `device`, if it is among the latest answers.
+    pub fn expert_of(
+        &self,
+        device: &str,
+        id: &str,
+    ) -> Option<(std::sync::Arc<str>, qosroute_core::Task)> {
+        self.by_request.get(&self.keys.key(device, id)).cloned()
+    }
+
+    /// Answers remembered.
+    pub fn len(&self) -> usize {
+        self.by_request.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.by_request.is_empty()
     }
 }
 
@@ -181,19 +281,24 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn redeliveries_are_recognised_until_the_ttl() {
-        let mut r = RecentRequests::new(Duration::from_secs(10));
+        let mut r = RecentRequests::new(Duration::from_secs(10), 1000);
         let now = Instant::now();
         assert!(r.first_time("d", "1", now));
         assert!(!r.first_time("d", "1", now));
         assert!(r.first_time("d", "2", now));
         assert!(r.first_time("e", "1", now));
+        r.finished("d", "1", now);
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(r.first_time("d", "1", Instant::now()));
+        assert!(r.first_time("d", "1", Instant::now()), "done, then expired");
+        assert!(
+            !r.first_time("d", "2", Instant::now()),
+            "in flight: never expires"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_is_in_flight_then_done_and_a_refused_one_can_come_again() {
-        let mut r = RecentRequests::new(Duration::from_secs(10));
+        let mut r = RecentRequests::new(Duration::from_secs(10), 1000);
         let now = Instant::now();
         assert_eq!(r.admit("d", "1", now), Seen::New);
         assert_eq!(r.admit("d", "1", now), Seen::InFlight);
@@ -215,7 +320,47 @@ mod tests {
         assert_eq!(r.admit("d", "1", now), Seen::New, "expired");
         tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(r.admit("e", "1", Instant::now()), Seen::New);
-        assert_eq!(r.len(), 1, "old entries are swept");
+        assert_eq!(
+            r.len(),
+            2,
+            "done entries are swept; d/1 (admitted again) is in flight"
+        );
         assert!(!r.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_latest_done_requests_are_remembered_but_in_flight_ones_always() {
+        let mut r = RecentRequests::new(Duration::from_secs(600), 3);
+        let now = Instant::now();
+        assert_eq!(r.admit("d", "long", now), Seen::New);
+        for i in 0..10 {
+            let id = i.to_string();
+            assert_eq!(r.admit("d", &id, now), Seen::New);
+            r.finished("d", &id, now);
+        }
+        assert_eq!(r.len(), 4, "3 done + 1 in flight");
+        assert_eq!(r.admit("d", "long", now), Seen::InFlight);
+        assert_eq!(r.admit("d", "9", now), Seen::Done);
+        assert_eq!(r.admit("d", "0", now), Seen::New, "evicted");
+        // A request done twice (served again after eviction) keeps its latest entry.
+        r.finished("d", "0", now);
+        r.finished("d", "0", now);
+        r.finished("d", "x", now);
+        assert_eq!(r.admit("d", "0", now), Seen::Done);
+    }
+
+    #[test]
+    fn answers_are_remembered_for_feedback_up_to_the_capacity() {
+        let mut a = RecentAnswers::new(2);
+        let e: std::sync::Arc<str> = "gpu-a".into();
+        a.answered("d", "1", e.clone(), qosroute_core::Task::Chat);
+        a.answered("d", "2", e.clone(), qosroute_core::Task::Mmlu);
+        assert_eq!(a.expert_of("d", "2").unwrap().1, qosroute_core::Task::Mmlu);
+        assert!(a.expert_of("e", "2").is_none(), "devices are apart");
+        a.answered("d", "3", e, qosroute_core::Task::Chat);
+        assert_eq!(a.len(), 2);
+        assert!(a.expert_of("d", "1").is_none(), "the oldest is forgotten");
+        assert_eq!(&*a.expert_of("d", "3").unwrap().0, "gpu-a");
+        assert!(!a.is_empty());
     }
 }

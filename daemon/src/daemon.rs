@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{DeviceRateLimiter, RecentRequests, Seen};
+use crate::admission::{DeviceRateLimiter, RecentAnswers, RecentRequests, Seen};
 use crate::config::Config;
 use crate::link::{self, Incoming, Lane, Link};
 use crate::metrics::{Metrics, Outcome};
@@ -32,10 +32,10 @@ use crate::router::Router;
 use crate::serve::{self, ReplyRoute};
 use crate::topics::{self, TopicKind};
 
-/// A request as its device names it: (device, request id).
-type DeviceRequest = (String, String);
-/// Which expert answered a request, its task, and when.
-type Answered = (String, qosroute_core::Task, Instant);
+/// Done requests remembered (duplicate suppression) and answers remembered (for feedback):
+/// far more than the broker can redeliver (its receive maximum is at most 65,535, twice
+/// `max_in_flight` by default) at a few MB.
+const REMEMBERED_REQUESTS: usize = 65_536;
 
 /// State shared by every task.
 #[derive(Debug)]
@@ -51,7 +51,7 @@ pub struct Shared {
     /// Cancelled when in-flight requests must stop (drain deadline passed).
     pub cut: CancellationToken,
     next_key: AtomicU64,
-    answered: std::sync::Mutex<HashMap<DeviceRequest, Answered>>,
+    answered: std::sync::Mutex<RecentAnswers>,
     /// The last host telemetry sample (only taken while an expert is local).
     host: std::sync::Mutex<Option<HostSample>>,
     /// Requests seen recently (duplicate suppression), with whether each is still in flight.
@@ -91,17 +91,8 @@ impl Shared {
 
     /// Remembers which expert answered a device's request, for its feedback.
     pub fn answered(&self, device: &str, id: &str, expert: &str, task: qosroute_core::Task) {
-        if let Ok(mut map) = self.answered.lock() {
-            let now = Instant::now();
-            if map.len() > 100_000 {
-                map.retain(|_, (_, _, at)| {
-                    now.saturating_duration_since(*at) < Duration::from_secs(600)
-                });
-            }
-            map.insert(
-                (device.to_owned(), id.to_owned()),
-                (expert.to_owned(), task, now),
-            );
+        if let Ok(mut answers) = self.answered.lock() {
+            answers.answered(device, id, expert.into(), task);
         }
     }
 }
@@ -191,9 +182,12 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         cut: CancellationToken::new(),
         next_key: AtomicU64::new(1),
-        answered: std::sync::Mutex::new(HashMap::new()),
+        answered: std::sync::Mutex::new(RecentAnswers::new(REMEMBERED_REQUESTS)),
         host: std::sync::Mutex::new(None),
-        recent: std::sync::Mutex::new(RecentRequests::new(Duration::from_secs(600))),
+        recent: std::sync::Mutex::new(RecentRequests::new(
+            Duration::from_secs(600),
+            REMEMBERED_REQUESTS,
+        )),
         serving: AtomicUsize::new(0),
     });
 
@@ -593,11 +587,12 @@ async fn apply_feedback(shared: &Shared, device: &str, message: &Incoming, encod
             return;
         }
     };
-    let known = shared.answered.lock().ok().and_then(|m| {
-        m.get(&(device.to_owned(), feedback.id.as_str().to_owned()))
-            .cloned()
-    });
-    let Some((expert, task, _)) = known else {
+    let known = shared
+        .answered
+        .lock()
+        .ok()
+        .and_then(|a| a.expert_of(device, feedback.id.as_str()));
+    let Some((expert, task)) = known else {
         tracing::info!(device = %device, id = %feedback.id.as_str(), "feedback for an unknown or old request ignored");
         return;
     };
