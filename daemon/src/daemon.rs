@@ -537,9 +537,12 @@ fn admit(
         tracing::debug!(device = %device, id = %id, "request");
     }
     let place = Place::take(shared, &device, &id);
+    // The task keeps what serving needs, sized to it, not the decoded request.
+    let served = serve::ServedRequest::from(&request);
+    drop(request);
     let s = shared.clone();
     requests.spawn(async move {
-        serve::serve_request(s, delivery, request, route, now, device).await;
+        serve::serve_request(s, delivery, served, route, now, device).await;
         drop(place);
     });
 }

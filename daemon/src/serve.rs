@@ -44,28 +44,29 @@ pub fn estimate_prompt_tokens(prompt: &str) -> u32 {
         .max(1)
 }
 
-/// Encodes and publishes one reply; counts it as dropped if the link is gone.
-pub async fn send(shared: &Shared, route: &ReplyRoute, reply: &proto::Reply) {
-    // The frame-sized scratch buffer is gone before the publish waits (a lane can be full
-    // while thousands of replies wait).
-    let encoded = {
-        let mut buf = vec![0u8; proto::MAX_FRAME_BYTES];
-        proto::encode_reply(reply, route.encoding, &mut buf).map(|n| buf[..n].to_vec())
-    };
-    let payload = match encoded {
-        Ok(p) => p,
+/// Encodes one reply for `route` (the reply itself, up to a few KB of fixed-capacity fields,
+/// is not kept while the publish waits: callers encode in a statement of its own).
+pub fn encode(route: &ReplyRoute, reply: &proto::Reply) -> Option<Outgoing> {
+    let mut buf = vec![0u8; proto::MAX_FRAME_BYTES];
+    let payload = match proto::encode_reply(reply, route.encoding, &mut buf) {
+        Ok(n) => buf[..n].to_vec(),
         Err(error) => {
             tracing::error!(%error, "reply does not encode");
-            return;
+            return None;
         }
     };
-    let out = Outgoing {
+    Some(Outgoing {
         topic: route.topic.clone(),
         payload,
         correlation_data: route.correlation_data.clone(),
         content_type: Some(route.encoding.content_type().to_owned()),
         expiry_s: None,
-    };
+    })
+}
+
+/// Publishes an encoded reply in `route`'s lane; counts it as dropped if the link is gone.
+pub async fn publish(shared: &Shared, route: &ReplyRoute, out: Option<Outgoing>) {
+    let Some(out) = out else { return };
     if shared.link.publish(out, route.lane).await.is_err() {
         shared
             .metrics
@@ -82,9 +83,45 @@ pub async fn send_error(
     code: ErrorCode,
     message: &str,
 ) {
-    match proto::ErrorReply::new(id, code, message) {
-        Ok(e) => send(shared, route, &proto::Reply::Error(e)).await,
-        Err(error) => tracing::error!(?error, "error reply does not fit the wire format"),
+    let out = match proto::ErrorReply::new(id, code, message) {
+        Ok(e) => encode(route, &proto::Reply::Error(e)),
+        Err(error) => {
+            tracing::error!(?error, "error reply does not fit the wire format");
+            None
+        }
+    };
+    publish(shared, route, out).await;
+}
+
+/// What serving a request needs of it, sized to its content (a decoded `proto::Request` has
+/// fixed-capacity fields, 8 KB for the prompt alone, and a request task holds it for its whole
+/// life).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedRequest {
+    /// The device's request id.
+    pub id: Box<str>,
+    /// The task the device names (`chat` when unknown here).
+    pub task: Task,
+    /// The prompt.
+    pub prompt: Box<str>,
+    /// Most tokens of the answer.
+    pub max_tokens: u32,
+    /// The device's own SLO, seconds per output token, if it gave one.
+    pub slo_s_per_token: Option<f32>,
+    /// Whether the answer is streamed in chunks.
+    pub stream: bool,
+}
+
+impl From<&proto::Request> for ServedRequest {
+    fn from(r: &proto::Request) -> Self {
+        Self {
+            id: r.id.as_str().into(),
+            task: r.task.as_str().parse().unwrap_or(Task::Chat),
+            prompt: r.prompt.as_str().into(),
+            max_tokens: r.max_tokens,
+            slo_s_per_token: r.slo_s_per_token,
+            stream: r.stream,
+        }
     }
 }
 
@@ -92,7 +129,7 @@ pub async fn send_error(
 pub async fn serve_request(
     shared: Arc<Shared>,
     delivery: Delivery,
-    request: proto::Request,
+    request: ServedRequest,
     route: ReplyRoute,
     arrived_at: Instant,
     device: String,
@@ -106,13 +143,13 @@ pub async fn serve_request(
 
 async fn serve(
     shared: &Shared,
-    request: &proto::Request,
+    request: &ServedRequest,
     route: &ReplyRoute,
     arrived_at: Instant,
     device: &str,
 ) -> Outcome {
-    let id = request.id.as_str();
-    let task: Task = request.task.as_str().parse().unwrap_or(Task::Chat);
+    let id = &*request.id;
+    let task = request.task;
     let config = shared.config();
     let slo = request
         .slo_s_per_token
@@ -295,7 +332,7 @@ enum Failure {
 #[allow(clippy::too_many_arguments)]
 async fn stream_answer(
     shared: &Shared,
-    request: &proto::Request,
+    request: &ServedRequest,
     route: &ReplyRoute,
     client: &qosroute_expert_client::ExpertClient,
     expert: &str,
@@ -305,8 +342,8 @@ async fn stream_answer(
     slo: f64,
     arrived_at: Instant,
 ) -> Result<Outcome, Failure> {
-    let id = request.id.as_str();
-    let mut chat = ChatRequest::from_prompt(request.prompt.as_str(), request.max_tokens);
+    let id = &*request.id;
+    let mut chat = ChatRequest::from_prompt(&*request.prompt, request.max_tokens);
     let extension = shared
         .config()
         .experts
@@ -423,12 +460,14 @@ async fn stream_answer(
                 );
                 // Recorded before the final goes out: a device may rate the answer at once.
                 shared.answered(device, id, expert, task);
-                match fin {
-                    Ok(f) => send(shared, route, &proto::Reply::Final(f)).await,
+                let out = match fin {
+                    Ok(f) => encode(route, &proto::Reply::Final(f)),
                     Err(error) => {
-                        tracing::error!(?error, "final reply does not fit the wire format")
+                        tracing::error!(?error, "final reply does not fit the wire format");
+                        None
                     }
-                }
+                };
+                publish(shared, route, out).await;
                 return Ok(Outcome::Completed);
             }
             Some(Err(e)) => {
@@ -472,16 +511,21 @@ async fn flush(
     let count = pieces.len();
     for (i, piece) in pieces.into_iter().enumerate() {
         let last = done && i + 1 == count;
-        match proto::ReplyChunk::new(id, *seq, piece, last, expert) {
-            Ok(c) => send(shared, route, &proto::Reply::Chunk(c)).await,
-            Err(error) => tracing::error!(?error, "chunk does not fit the wire format"),
-        }
+        let out = match proto::ReplyChunk::new(id, *seq, piece, last, expert) {
+            Ok(c) => encode(route, &proto::Reply::Chunk(c)),
+            Err(error) => {
+                tracing::error!(?error, "chunk does not fit the wire format");
+                None
+            }
+        };
+        publish(shared, route, out).await;
         *seq += 1;
     }
     if done && count == 0 {
-        if let Ok(c) = proto::ReplyChunk::new(id, *seq, "", true, expert) {
-            send(shared, route, &proto::Reply::Chunk(c)).await;
-        }
+        let out = proto::ReplyChunk::new(id, *seq, "", true, expert)
+            .ok()
+            .and_then(|c| encode(route, &proto::Reply::Chunk(c)));
+        publish(shared, route, out).await;
         *seq += 1;
     }
 }
