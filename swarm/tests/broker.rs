@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +12,10 @@ use qosroute_emulator::{EmulatedExpert, EmulatorOptions};
 use qosroute_proto::{self as proto, Encoding, ErrorCode, Reply, Task};
 use qosroute_sim::QualityTable;
 use qosroute_swarm::{Outcome, QualityTruth, Swarm, SwarmConfig, SwarmRequest, probe_gateway};
+use qosroute_testkit::{Broker, Daemon};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use support::{Broker, Daemon};
 
 fn requests(n: usize, gap_s: f64) -> Vec<SwarmRequest> {
     (0..n)
