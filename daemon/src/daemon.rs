@@ -216,7 +216,7 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         stop_link.clone(),
     ));
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel();
-    let dispatcher = tokio::spawn(dispatch(
+    let mut dispatcher = tokio::spawn(dispatch(
         shared.clone(),
         incoming_rx,
         stop_dispatch.clone(),
@@ -268,6 +268,20 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     // link closes, what still arrives is answered `shutting_down`.
     let _ = drained_rx.await;
     cutter.abort();
+    let mut dispatched = None;
+    if config.broker.session_expiry_s == 0 {
+        // A clean session: nothing may arrive after the DISCONNECT, where it could not be
+        // answered. UNSUBSCRIBE first; at the UNSUBACK (after every delivery the broker made)
+        // the event loop closes the dispatcher's input, and the dispatcher ends once what came
+        // before is answered `shutting_down`. (A persistent session keeps its subscription:
+        // the broker holds what comes next for the daemon's return.)
+        let filters = vec![config.request_filter(), config.feedback_filter()];
+        if link.unsubscribe(filters).await.is_ok() {
+            dispatched = tokio::time::timeout(Duration::from_secs(2), &mut dispatcher)
+                .await
+                .ok();
+        }
+    }
     let _ = link.disconnect().await;
     // The event loop polls on until the broker closes the connection after the DISCONNECT,
     // so the last replies and acks go out; then it ends, and with it the dispatcher's input.
@@ -278,9 +292,12 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         stop_link.cancel();
         let _ = event_loop.await;
     }
-    match dispatcher.await {
-        Ok(()) => {}
-        Err(e) => tracing::error!(error = %e, "dispatcher task failed"),
+    let dispatched = match dispatched {
+        Some(result) => result,
+        None => dispatcher.await,
+    };
+    if let Err(e) = dispatched {
+        tracing::error!(error = %e, "dispatcher task failed");
     }
     stop_link.cancel();
     stop_background.cancel();

@@ -202,6 +202,8 @@ enum Op {
         seq: u64,
         pkid: u16,
     },
+    /// UNSUBSCRIBE from these filters (after what the served lane holds); answers when sent.
+    Unsubscribe(Vec<String>, oneshot::Sender<()>),
     /// Publishes everything queued in both lanes, then DISCONNECT; answers when done.
     Disconnect(oneshot::Sender<()>),
 }
@@ -260,6 +262,17 @@ impl Link {
             })
             .await
             .map_err(|_| LinkClosed)
+    }
+
+    /// Sends UNSUBSCRIBE for `filters` (at shutdown, with a clean session); the event loop
+    /// closes the dispatcher's input at their UNSUBACKs.
+    pub async fn unsubscribe(&self, filters: Vec<String>) -> Result<(), LinkClosed> {
+        let (done, sent) = oneshot::channel();
+        self.served
+            .send(Op::Unsubscribe(filters, done))
+            .await
+            .map_err(|_| LinkClosed)?;
+        sent.await.map_err(|_| LinkClosed)
     }
 
     /// Publishes what both lanes hold, then sends DISCONNECT (at shutdown).
@@ -378,6 +391,14 @@ async fn run_publisher(
                     .is_ok()
             }
             Op::Ack { seq, pkid } => release(Some((seq, pkid))).await,
+            Op::Unsubscribe(filters, done) => {
+                let mut ok = true;
+                for filter in filters {
+                    ok &= client.unsubscribe(filter).await.is_ok();
+                }
+                let _ = done.send(());
+                ok
+            }
             Op::Disconnect(done) => return Some(done),
         };
         if !ok {
@@ -500,6 +521,9 @@ pub async fn run_event_loop(
     let (min, max) = backoff;
     let mut delay = min;
     let mut to_subscribe: Vec<String> = Vec::new();
+    // Closed at the UNSUBACKs of a shutdown: nothing more is served.
+    let mut incoming = Some(incoming);
+    let mut unsubacks = 0usize;
     // Set once this daemon has sent DISCONNECT: the connection closing is then the goodbye.
     let mut leaving = false;
     loop {
@@ -530,8 +554,18 @@ pub async fn run_event_loop(
                     publish.dup,
                     tokio::time::Instant::now().into_std(),
                 );
-                if incoming.send(Incoming { publish, seq }).await.is_err() {
+                let Some(to_dispatcher) = &incoming else {
+                    tracing::debug!("a delivery after the unsubscription is not served");
+                    continue;
+                };
+                if to_dispatcher.send(Incoming { publish, seq }).await.is_err() {
                     break;
+                }
+            }
+            Ok(Event::Incoming(Packet::UnsubAck(_))) => {
+                unsubacks += 1;
+                if unsubacks >= filters.len() && incoming.take().is_some() {
+                    tracing::info!("unsubscribed: what arrived before is answered, nothing after");
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => leaving = true,
