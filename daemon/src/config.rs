@@ -248,7 +248,8 @@ pub struct TelemetryConfig {
     #[serde(default = "default_host_busy_above")]
     pub host_busy_above: f64,
     /// Which host telemetry providers may be used (`[telemetry.host]`: `sysfs_root`,
-    /// `enable_nvml`, `enable_jetson`). Host telemetry runs only when an expert is `local`.
+    /// `enable_nvml`, `enable_jetson`, `enable_rpi`). Host telemetry runs only when an expert is
+    /// `local`.
     #[serde(default)]
     pub host: qosroute_telemetry::TelemetryOptions,
 }

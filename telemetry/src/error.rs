@@ -48,6 +48,15 @@ pub enum TelemetryError {
     /// The `tegrastats` process exited.
     #[error("tegrastats exited")]
     Exited,
+    /// A file or a program's output did not have the expected form (e.g. the Raspberry Pi
+    /// throttling flags).
+    #[error("{path}: unexpected contents {excerpt:?}")]
+    Unparsable {
+        /// The file or program.
+        path: PathBuf,
+        /// The start of what was read (at most 64 characters).
+        excerpt: String,
+    },
 }
 
 /// Why one `tegrastats` line could not be parsed.

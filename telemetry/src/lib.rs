@@ -13,6 +13,9 @@
 //!   unified memory, from sysfs under [`TelemetryOptions::sysfs_root`]; [`TegrastatsProvider`]
 //!   is the fallback when sysfs has no readable GPU load ([`parse_tegrastats_line`] is the
 //!   pure parser of its lines).
+//! - [`RpiProvider`] (Raspberry Pi): SoC temperature and the firmware's throttling flags from
+//!   sysfs, `vcgencmd get_throttled` as the fallback; a Pi throttled *now* reports its CPU as
+//!   fully busy (see the `rpi` module).
 //!
 //! # Unknown or stale is never idle
 //!
@@ -26,6 +29,7 @@ mod error;
 mod jetson;
 mod nvml_provider;
 mod options;
+mod rpi;
 mod sysfs;
 mod sysinfo_provider;
 mod tegrastats;
@@ -38,6 +42,10 @@ pub use error::{TegrastatsError, TelemetryError};
 pub use jetson::{JetsonProvider, is_tegra};
 pub use nvml_provider::NvmlProvider;
 pub use options::TelemetryOptions;
+pub use rpi::{
+    RpiProvider, ThrottleFlags, ThrottleSource, VCGENCMD_TIMEOUT, parse_throttled,
+    raspberry_pi_model,
+};
 pub use sysfs::{
     parse_devfreq_mhz, parse_gpu_load_permille, parse_meminfo_used, parse_millidegrees_c,
     parse_name,
@@ -58,7 +66,8 @@ pub const TEGRASTATS_INTERVAL: Duration = Duration::from_secs(1);
 /// `sample` is called about once a second: it must only read what it reports, never
 /// re-enumerate the system, and must not block for long.
 pub trait TelemetryProvider: Send + fmt::Debug {
-    /// Short stable name, for logs and notes (`sysinfo`, `nvml`, `jetson`, `tegrastats`).
+    /// Short stable name, for logs and notes (`sysinfo`, `nvml`, `jetson`, `tegrastats`,
+    /// `rpi`).
     fn name(&self) -> &str;
 
     /// Reads the current values. Values the provider could not read are `None`; an error
@@ -187,8 +196,9 @@ impl HostTelemetry {
     /// Finds the providers that work on this host. Never fails: a provider that does not work
     /// here is left out and reported once in the returned notes (and by `tracing::info!`).
     ///
-    /// Order, which is also the merge priority for CPU and memory: sysinfo, NVML, Jetson sysfs
-    /// (or, on a Tegra system without a readable GPU load, `tegrastats`).
+    /// Order, which is also the merge priority for CPU and memory: the Raspberry Pi provider
+    /// (it reports the CPU only when the SoC is throttled now, as fully busy), sysinfo, NVML,
+    /// Jetson sysfs (or, on a Tegra system without a readable GPU load, `tegrastats`).
     pub fn detect(options: &TelemetryOptions) -> (Self, Vec<DetectionNote>) {
         let mut providers: Vec<Box<dyn TelemetryProvider>> = Vec::new();
         let mut notes = Vec::new();
@@ -235,6 +245,24 @@ impl HostTelemetry {
         }
         if let Some(sysinfo) = sysinfo {
             providers.insert(0, Box::new(sysinfo));
+        }
+        if options.enable_rpi {
+            match RpiProvider::detect(&options.sysfs_root) {
+                Some(p) => {
+                    for missing in p.missing_sources() {
+                        note("rpi", format!("{}: {missing}", p.model()));
+                    }
+                    // First: its "throttled now, fully busy" must win over sysinfo's load.
+                    providers.insert(0, Box::new(p));
+                }
+                None => note(
+                    "rpi",
+                    format!(
+                        "no Raspberry Pi model under {} (not a Pi)",
+                        options.sysfs_root.display()
+                    ),
+                ),
+            }
         }
 
         (Self::from_providers(providers), notes)

@@ -13,6 +13,7 @@ use serde::Deserialize;
 /// sysfs_root = "/"      # tests point this at a fake tree
 /// enable_nvml = true    # discrete NVIDIA GPUs through libnvidia-ml.so (loaded at run time)
 /// enable_jetson = true  # Jetson iGPU through sysfs, `tegrastats` as the fallback
+/// enable_rpi = true     # Raspberry Pi SoC temperature and throttling (sysfs, `vcgencmd`)
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -25,6 +26,9 @@ pub struct TelemetryOptions {
     pub enable_nvml: bool,
     /// Use the Jetson providers (sysfs, then `tegrastats`) (default true).
     pub enable_jetson: bool,
+    /// Use the Raspberry Pi provider (SoC temperature and throttling flags from sysfs,
+    /// `vcgencmd get_throttled` as the fallback) on a Pi (default true).
+    pub enable_rpi: bool,
 }
 
 impl Default for TelemetryOptions {
@@ -33,6 +37,7 @@ impl Default for TelemetryOptions {
             sysfs_root: PathBuf::from("/"),
             enable_nvml: true,
             enable_jetson: true,
+            enable_rpi: true,
         }
     }
 }
@@ -46,7 +51,7 @@ mod tests {
         let options: TelemetryOptions = toml::from_str("").unwrap();
         assert_eq!(options, TelemetryOptions::default());
         assert_eq!(options.sysfs_root, PathBuf::from("/"));
-        assert!(options.enable_nvml && options.enable_jetson);
+        assert!(options.enable_nvml && options.enable_jetson && options.enable_rpi);
     }
 
     #[test]

@@ -245,6 +245,7 @@ fn host_detection_uses_the_fake_root() {
         sysfs_root: fake.root().to_path_buf(),
         enable_nvml: false,
         enable_jetson: true,
+        enable_rpi: false,
     };
     let (mut telemetry, notes) = HostTelemetry::detect(&options);
     assert_eq!(telemetry.provider_names(), ["sysinfo", "jetson"]);
@@ -270,6 +271,7 @@ fn jetson_can_be_disabled() {
         sysfs_root: fake.root().to_path_buf(),
         enable_nvml: false,
         enable_jetson: false,
+        enable_rpi: false,
     };
     let (telemetry, notes) = HostTelemetry::detect(&options);
     assert_eq!(telemetry.provider_names(), ["sysinfo"]);
@@ -284,6 +286,7 @@ fn tegra_without_gpu_load_or_tegrastats_is_noted() {
         sysfs_root: fake.root().to_path_buf(),
         enable_nvml: false,
         enable_jetson: true,
+        enable_rpi: false,
     };
     let (telemetry, notes) = HostTelemetry::detect(&options);
     assert_eq!(telemetry.provider_names(), ["sysinfo"]);

@@ -7,7 +7,7 @@ mod common;
 use proptest::prelude::*;
 use qosroute_telemetry::{
     JetsonProvider, TelemetryProvider, parse_devfreq_mhz, parse_gpu_load_permille,
-    parse_meminfo_used, parse_millidegrees_c, parse_name, parse_tegrastats_line,
+    parse_meminfo_used, parse_millidegrees_c, parse_name, parse_tegrastats_line, parse_throttled,
 };
 
 fn fraction_or_none(x: Option<f64>) -> bool {
@@ -111,5 +111,12 @@ proptest! {
         prop_assert!(fraction_or_none(s.memory_used));
         prop_assert!(s.gpus[0].temperature_c.is_none_or(temperature_ok));
         prop_assert!(s.temperatures_c.iter().all(|&(_, t)| temperature_ok(t)));
+    }
+
+    #[test]
+    fn throttled_parser_never_panics_and_round_trips(text in "\\PC{0,40}", n in any::<u32>()) {
+        let _ = parse_throttled(&text);
+        prop_assert_eq!(parse_throttled(&format!("{n:x}\n")).map(|f| f.0), Some(n));
+        prop_assert_eq!(parse_throttled(&format!("throttled=0x{n:x}\n")).map(|f| f.0), Some(n));
     }
 }

@@ -30,6 +30,7 @@ fn options(fake: &FakeRoot) -> TelemetryOptions {
         sysfs_root: fake.root().to_path_buf(),
         enable_nvml: false,
         enable_jetson: true,
+        enable_rpi: false,
     }
 }
 
