@@ -6,8 +6,10 @@ mod compare;
 mod demo;
 mod emulate;
 mod plot;
+mod profile;
 mod table;
 mod train;
+mod validate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +44,14 @@ enum Command {
     /// Benchmarks of the real system on this machine (`bench e2e`: broker round trip, the
     /// daemon's added latency with zero-latency experts, routed requests/s at saturation, RSS).
     Bench(bench::BenchArgs),
+    /// Measure a running OpenAI-compatible server (TTFT and inter-token times over prompt
+    /// lengths and concurrency levels), fit its latency model and write it as a catalogue
+    /// profile, with the fit's error and the raw measurements beside it.
+    Profile(profile::ProfileArgs),
+    /// The simulator against reality: replay a trace slice through qosrouted against real
+    /// servers and in the simulator with their fitted profiles (`qosroute profile`); compare
+    /// per-token latency, TTFT and SLO violations side by side, with plots.
+    Validate(validate::ValidateArgs),
 }
 
 /// Inputs every simulation needs.
@@ -126,6 +136,8 @@ fn main() -> ExitCode {
         Command::Emulate(args) => emulate::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Profile(args) => profile::run(args),
+        Command::Validate(args) => validate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
