@@ -44,8 +44,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::demo::{
-    ChildGuard, DaemonProcess, Router, Scratch, check_config, find_mosquitto, free_port,
-    parse_router, scrape, toml_str, wait_for_port, watch_signals,
+    ChildGuard, DaemonProcess, Router, Scratch, check_config, free_port, parse_router, scrape,
+    toml_str, wait_for_port, watch_signals,
 };
 
 /// The site of the bench's topics.
@@ -779,30 +779,16 @@ async fn e2e(args: &E2eArgs, router: &Router) -> anyhow::Result<E2eReport> {
         );
     }
     let scratch = Scratch::new(args.keep_scratch)?;
-    let Some(mosquitto_exe) = find_mosquitto() else {
-        bail!("the bench needs mosquitto (e.g. `apt-get install mosquitto`)");
-    };
     // The broker, as `qosroute demo` runs it.
     let broker_port = free_port()?;
     let broker_url = format!("mqtt://127.0.0.1:{broker_port}");
-    let conf = scratch.0.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
-        ),
-    )?;
-    let mosquitto = ChildGuard::spawn(
-        Command::new(mosquitto_exe)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-        Duration::from_secs(5),
+    let mosquitto = crate::demo::start_mosquitto(
+        broker_port,
+        &scratch.0,
+        "the bench needs mosquitto (e.g. `apt-get install mosquitto`)",
     )
-    .with_context(|| format!("cannot start {mosquitto_exe}"))?;
+    .await?;
     let mosquitto_pid = mosquitto.child.as_ref().map(std::process::Child::id);
-    wait_for_port(broker_port, "mosquitto", Duration::from_secs(10)).await?;
 
     // The stub experts.
     let stop_stubs = CancellationToken::new();

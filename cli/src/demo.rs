@@ -750,13 +750,29 @@ async fn start_broker(args: &DemoArgs, scratch: &Scratch) -> anyhow::Result<Brok
         .await?;
         return Ok(Broker::Embedded(url));
     }
+    let child = start_mosquitto(
+        port,
+        &scratch.0,
+        "--broker mosquitto: mosquitto is not installed (e.g. `apt-get install mosquitto`); \
+         the default, --broker embedded, needs nothing",
+    )
+    .await?;
+    Ok(Broker::Mosquitto { url, child })
+}
+
+/// mosquitto on 127.0.0.1:`port` with its config in `dir`, as the demo, the bench and the
+/// validation run it: anonymous, no persistence, no in-flight limit, TCP_NODELAY (without it
+/// a reply waits behind the broker's PUBACK for the device's delayed ACK). Fails with
+/// `missing` when mosquitto is not installed.
+pub(crate) async fn start_mosquitto(
+    port: u16,
+    dir: &std::path::Path,
+    missing: &str,
+) -> anyhow::Result<ChildGuard> {
     let Some(exe) = find_mosquitto() else {
-        bail!(
-            "--broker mosquitto: mosquitto is not installed (e.g. `apt-get install mosquitto`); \
-             the default, --broker embedded, needs nothing"
-        )
+        bail!("{missing}")
     };
-    let conf = scratch.0.join("mosquitto.conf");
+    let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
         format!(
@@ -773,7 +789,7 @@ async fn start_broker(args: &DemoArgs, scratch: &Scratch) -> anyhow::Result<Brok
     )
     .with_context(|| format!("cannot start {exe}"))?;
     wait_for_port(port, "mosquitto", Duration::from_secs(10)).await?;
-    Ok(Broker::Mosquitto { url, child })
+    Ok(child)
 }
 
 /// rumqttd on 127.0.0.1:`port`, MQTT 5 only, in background threads of this process.

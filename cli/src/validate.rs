@@ -40,9 +40,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::demo::{
-    ChildGuard, DaemonProcess, check_config, find_mosquitto, free_port, toml_str, wait_for_port,
-};
+use crate::demo::{ChildGuard, DaemonProcess, check_config, free_port, toml_str, wait_for_port};
 use crate::plot::{BarSeries, SweepCurve, grouped_bars, sweep_curves};
 use crate::profile::{Target, Tokenization, calibrate, synth_prompt};
 
@@ -566,27 +564,13 @@ async fn start_broker(
             .map_err(|e| anyhow::anyhow!("--broker: {e}"))?;
         return Ok((args.broker.clone(), None));
     }
-    let Some(exe) = find_mosquitto() else {
-        bail!("mosquitto is not installed (apt-get install mosquitto), or pass --broker URL");
-    };
     let port = free_port()?;
-    let conf = scratch.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
-        ),
-    )?;
-    let child = ChildGuard::spawn(
-        Command::new(exe)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-        Duration::from_secs(5),
+    let child = crate::demo::start_mosquitto(
+        port,
+        scratch,
+        "mosquitto is not installed (apt-get install mosquitto), or pass --broker URL",
     )
-    .with_context(|| format!("cannot start {exe}"))?;
-    wait_for_port(port, "mosquitto", Duration::from_secs(10)).await?;
+    .await?;
     Ok((format!("mqtt://127.0.0.1:{port}"), Some(child)))
 }
 
