@@ -117,6 +117,10 @@ impl Report {
         self.figure(p("errors"), errors);
         self.figure(p("lost"), s.lost);
         self.figure(p("duplicated"), s.duplicated);
+        self.figure(
+            p("redelivered copies of a final (same message)"),
+            s.redelivered_ends,
+        );
         self.figure(p("not sent"), s.not_sent);
         self.figure(p("offered req/s"), format!("{:.1}", s.requests_per_s));
         self.figure(p("completed req/s"), format!("{:.1}", s.completed_per_s));

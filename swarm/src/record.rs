@@ -134,8 +134,16 @@ pub struct RequestRecord {
     pub chunks: u32,
     /// Chunks whose `seq` was not the next expected one (lost or reordered chunks).
     pub chunk_gaps: u32,
-    /// Final and error replies received; exactly 1 for a well-served request.
+    /// Final and error replies received; exactly 1 for a well-served request. A byte-identical
+    /// copy of the first end is not counted here but in `redelivered_ends`.
     pub ends: u32,
+    /// Copies of the first final or error message, byte for byte: MQTT's at-least-once
+    /// redelivery of the same message (a publish resent after a broker restart), not a second
+    /// answer (which has its own timings).
+    pub redelivered_ends: u32,
+    /// FNV-1a digest of the first end's payload (0: no end yet).
+    #[serde(skip)]
+    pub end_digest: u64,
     /// Chunks that arrived after the request's end.
     pub replies_after_end: u32,
 }
@@ -165,6 +173,8 @@ impl RequestRecord {
             chunks: 0,
             chunk_gaps: 0,
             ends: 0,
+            redelivered_ends: 0,
+            end_digest: 0,
             replies_after_end: 0,
         }
     }
@@ -203,7 +213,21 @@ impl RequestRecord {
         }
     }
 
-    /// Whether more than one final or error reply arrived.
+    /// Records the end whose payload has `digest`: false when it is a redelivery of the first
+    /// end (the same message again), true when it counts as an end.
+    pub(crate) fn end_arrived(&mut self, digest: u64) -> bool {
+        if self.ends > 0 && digest == self.end_digest {
+            self.redelivered_ends = self.redelivered_ends.saturating_add(1);
+            return false;
+        }
+        if self.ends == 0 {
+            self.end_digest = digest;
+        }
+        self.ends = self.ends.saturating_add(1);
+        true
+    }
+
+    /// Whether more than one distinct final or error reply arrived.
     pub fn duplicated(&self) -> bool {
         self.ends > 1
     }
@@ -284,5 +308,24 @@ mod tests {
             assert_eq!(RequestRecord { outcome, ..base }.qos(), Some(0.0));
         }
         assert_eq!(Outcome::Error(ErrorCode::NoExpert).as_str(), "no_expert");
+    }
+
+    #[test]
+    fn a_byte_identical_copy_of_the_end_is_a_redelivery_and_a_different_one_a_duplicate() {
+        let req = SwarmRequest {
+            arrival_s: 0.0,
+            task: Task::Chat,
+            prompt_tokens: 10,
+            output_tokens: 5,
+            quality_row: None,
+        };
+        let mut r = RequestRecord::new(0, 0, Encoding::Json, &req);
+        assert!(r.end_arrived(42));
+        assert!(!r.end_arrived(42), "the same message again");
+        assert!(!r.duplicated());
+        assert_eq!((r.ends, r.redelivered_ends), (1, 1));
+        assert!(r.end_arrived(43), "a second answer");
+        assert!(r.duplicated());
+        assert_eq!((r.ends, r.redelivered_ends), (2, 1));
     }
 }

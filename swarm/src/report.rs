@@ -127,6 +127,9 @@ pub struct SwarmSummary {
     pub duplicated: u64,
     /// Final-or-error replies beyond the first, over all requests.
     pub extra_ends: u64,
+    /// Byte-identical copies of a request's end (MQTT at-least-once redeliveries), over all
+    /// requests; not answers, so not in `duplicated`.
+    pub redelivered_ends: u64,
     /// `not_sent + completed + errors + lost == requests` (every request accounted for once).
     pub accounted: bool,
     /// Chunks with an unexpected `seq`.
@@ -299,6 +302,7 @@ impl SwarmReport {
                 .iter()
                 .map(|r| u64::from(r.ends.saturating_sub(1)))
                 .sum(),
+            redelivered_ends: records.iter().map(|r| u64::from(r.redelivered_ends)).sum(),
             accounted: not_sent + completed + errors + lost == requests,
             chunk_gaps: records.iter().map(|r| u64::from(r.chunk_gaps)).sum(),
             replies_after_end: records.iter().map(|r| u64::from(r.replies_after_end)).sum(),

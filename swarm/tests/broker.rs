@@ -103,7 +103,10 @@ async fn fake_gateway(port: u16, site: &str) -> tokio::task::JoinHandle<()> {
                 1 => {
                     send(chunk(), with_corr.clone());
                     send(fin(), with_corr.clone());
+                    // The same message again (a redelivery), then a second, different answer.
                     send(fin(), with_corr.clone());
+                    let second = proto::FinalReply::new(id, "y", 8, 6, 90, 0.01, true).unwrap();
+                    send(Reply::Final(second), with_corr.clone());
                 }
                 2 => send(
                     Reply::Error(proto::ErrorReply::new(id, ErrorCode::NoExpert, "no").unwrap()),
@@ -161,6 +164,10 @@ async fn a_misbehaving_gateway_s_duplicates_losses_and_garbage_are_counted_not_f
     assert_eq!(s.lost, 4);
     assert_eq!(s.duplicated, 4);
     assert_eq!(s.extra_ends, 4);
+    assert_eq!(
+        s.redelivered_ends, 4,
+        "byte-identical copies are redeliveries"
+    );
     assert_eq!(s.unexpected.undecodable, 20);
     assert_eq!(s.unexpected.no_id, 20);
     assert_eq!(s.unexpected.unknown_id, 20);
