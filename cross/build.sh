@@ -4,7 +4,7 @@
 #
 #   cross/build.sh TARGET [--release | --profile NAME] [--linker zig|gcc] [--no-install]
 #
-# --release builds with the `board` profile of the root Cargo.toml (release + fat LTO,
+# --release builds with the `board` profile of the root Cargo.toml (release + opt-level "s", fat LTO,
 #   codegen-units = 1, strip; see cross/README.md for the measurements behind it);
 #   --profile release gives the plain release profile; without either: dev.
 #
