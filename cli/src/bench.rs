@@ -764,20 +764,7 @@ fn cpu_between(a: CpuSample, b: CpuSample) -> Cpu {
 async fn e2e(args: &E2eArgs, router: &Router) -> anyhow::Result<E2eReport> {
     let interrupt = CancellationToken::new();
     watch_signals(interrupt.clone())?;
-    let daemon_exe = match &args.daemon {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("cannot find this executable")?
-            .parent()
-            .map(|d| d.join(format!("qosrouted{}", std::env::consts::EXE_SUFFIX)))
-            .context("this executable has no folder")?,
-    };
-    if !daemon_exe.exists() {
-        bail!(
-            "the daemon binary {} is missing: build it next to qosroute with `cargo build --release -p qosroute-daemon -p qosroute-cli` (or pass --daemon PATH)",
-            daemon_exe.display()
-        );
-    }
+    let daemon_exe = crate::demo::find_daemon(args.daemon.as_ref())?;
     let scratch = Scratch::new(args.keep_scratch)?;
     // The broker, as `qosroute demo` runs it.
     let broker_port = free_port()?;
@@ -885,25 +872,12 @@ fn daemon_config(
         router.describe()
     );
     let _ = writeln!(c, "site = {}", toml_str(SITE));
-    let _ = writeln!(
-        c,
-        "\n[broker]\nurl = {}\nclient_id = {}\nsession_expiry_s = 0\nreconnect_min_s = 0.1\nreconnect_max_s = 2.0",
-        toml_str(broker_url),
-        toml_str(&format!("qosrouted-bench-{}", std::process::id()))
+    crate::demo::broker_and_policy(
+        &mut c,
+        broker_url,
+        &format!("qosrouted-bench-{}", std::process::id()),
+        router,
     );
-    let _ = writeln!(c, "\n[policy]");
-    match router {
-        Router::Learned { dir, .. } => {
-            let _ = writeln!(
-                c,
-                "model_dir = {}\nvariant = \"f32\"\nfallback = \"qos-greedy\"",
-                toml_str(&dir.display().to_string())
-            );
-        }
-        Router::Baseline(b) => {
-            let _ = writeln!(c, "fallback = {}", toml_str(b));
-        }
-    }
     let _ = writeln!(
         c,
         "\n[slo]\ndefault_s_per_token = 0.1\n\n[admission]\nmax_in_flight = {}\ndevice_rate_per_s = {DEVICE_RATE_PER_S:e}\ndevice_burst = {DEVICE_BURST:e}",

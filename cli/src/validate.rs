@@ -309,7 +309,7 @@ async fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
         tok.tokens_per_word, tok.overhead_tokens
     );
     let planned = plan(args, &quality, &tok)?;
-    let daemon_exe = daemon_exe(args)?;
+    let daemon_exe = crate::demo::find_daemon(args.daemon.as_ref())?;
     let scratch = crate::demo::Scratch::new(false)?;
     let interrupt = CancellationToken::new();
     crate::demo::watch_signals(interrupt.clone())?;
@@ -482,24 +482,6 @@ async fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
     crate::write_output(&args.out.join("table.md"), table)?;
     plots(&args.out, &rows)?;
     Ok(())
-}
-
-fn daemon_exe(args: &ValidateArgs) -> anyhow::Result<PathBuf> {
-    let exe = match &args.daemon {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("cannot find this executable")?
-            .parent()
-            .map(|d| d.join(format!("qosrouted{}", std::env::consts::EXE_SUFFIX)))
-            .context("this executable has no folder")?,
-    };
-    if !exe.exists() {
-        bail!(
-            "the daemon binary {} is missing: build it with `cargo build --release -p qosroute-daemon -p qosroute-cli` (or pass --daemon PATH)",
-            exe.display()
-        );
-    }
-    Ok(exe)
 }
 
 /// The slice: the trace's arrivals scaled by --load, its lengths scaled and capped.
