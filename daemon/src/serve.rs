@@ -47,9 +47,17 @@ pub fn estimate_prompt_tokens(prompt: &str) -> u32 {
 /// Encodes one reply for `route` (the reply itself, up to a few KB of fixed-capacity fields,
 /// is not kept while the publish waits: callers encode in a statement of its own).
 pub fn encode(route: &ReplyRoute, reply: &proto::Reply) -> Option<Outgoing> {
-    let mut buf = vec![0u8; proto::MAX_FRAME_BYTES];
-    let payload = match proto::encode_reply(reply, route.encoding, &mut buf) {
-        Ok(n) => buf[..n].to_vec(),
+    thread_local! {
+        // One frame-sized scratch buffer per worker thread, instead of a zeroed 49 KB
+        // allocation per reply (encoding never awaits, so the buffer is never shared).
+        static SCRATCH: std::cell::RefCell<Vec<u8>> =
+            std::cell::RefCell::new(vec![0u8; proto::MAX_FRAME_BYTES]);
+    }
+    let encoded = SCRATCH.with_borrow_mut(|buf| {
+        proto::encode_reply(reply, route.encoding, buf).map(|n| buf[..n].to_vec())
+    });
+    let payload = match encoded {
+        Ok(p) => p,
         Err(error) => {
             tracing::error!(%error, "reply does not encode");
             return None;
