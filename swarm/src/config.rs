@@ -37,6 +37,10 @@ pub struct SwarmConfig {
     /// After the last request ended, the devices keep listening this long, to count late
     /// duplicates.
     pub linger: Duration,
+    /// Every prompt starts with its request's id, so no two prompts share a prefix (as real
+    /// devices' prompts do not). Off, every prompt is a prefix of the same filler text, which a
+    /// real engine's prompt cache (llama.cpp's) serves without prefilling it again.
+    pub unique_prompts: bool,
     /// After a final reply whose quality the truth knows, the device rates the answer with
     /// that quality (a `Feedback` on `qosroute/v1/{site}/feedback/{device}`).
     pub feedback: bool,
@@ -78,6 +82,7 @@ impl SwarmConfig {
             slo_s_per_token: None,
             reply_timeout: Duration::from_secs(60),
             linger: Duration::from_secs(1),
+            unique_prompts: false,
             feedback: false,
             connect_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(10),

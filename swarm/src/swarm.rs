@@ -5,6 +5,7 @@
 //! construction: the scheduler and the pollers only use the `try_*` calls, so a device whose
 //! connection is down can never stall the others; what does not fit its queue is `not_sent`.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -626,6 +627,21 @@ fn send_feedback(shared: &Shared, device: &Device, f: FeedbackToSend) {
     }
 }
 
+/// The prompt of a request of `tokens` tokens: that many 4-byte tokens of the filler text
+/// `prompt`, or, `unique`, the request's id, a colon and filler up to the same length.
+fn prompt_of<'a>(prompt: &'a str, id: &str, tokens: u32, unique: bool) -> Cow<'a, str> {
+    let bytes = (tokens.min(MAX_PROMPT_TOKENS) as usize * 4).clamp(1, prompt.len());
+    if unique {
+        // ASCII filler: any cut is UTF-8.
+        Cow::Owned(format!(
+            "{id}: {}",
+            &prompt[..bytes.saturating_sub(id.len() + 2)]
+        ))
+    } else {
+        Cow::Borrowed(&prompt[..bytes])
+    }
+}
+
 /// The wire request of record `r`.
 fn request_of(shared: &Shared, r: &RequestRecord, prompt: &str) -> Result<Vec<u8>, SwarmError> {
     let failed = |message: String| SwarmError::Request {
@@ -633,8 +649,8 @@ fn request_of(shared: &Shared, r: &RequestRecord, prompt: &str) -> Result<Vec<u8
         message,
     };
     let id = format!("{}{}", shared.id_prefix, r.index);
-    let bytes = (r.prompt_tokens.min(MAX_PROMPT_TOKENS) as usize * 4).clamp(1, prompt.len());
-    let mut request = proto::Request::new(&id, r.task, &prompt[..bytes])
+    let text = prompt_of(prompt, &id, r.prompt_tokens, shared.config.unique_prompts);
+    let mut request = proto::Request::new(&id, r.task, &text)
         .map_err(|e| failed(format!("{e:?}")))?
         .with_max_tokens(r.max_tokens)
         .with_stream(shared.config.stream);
@@ -879,6 +895,21 @@ mod tests {
         let p = prompt_text();
         assert_eq!(p.len(), proto::MAX_PROMPT_BYTES);
         assert!(p.is_ascii());
+    }
+
+    #[test]
+    fn unique_prompts_differ_from_their_first_byte_and_keep_their_length() {
+        let filler = prompt_text();
+        let shared = prompt_of(&filler, "ab-7", 20, false);
+        assert_eq!(shared.len(), 80);
+        assert!(filler.starts_with(shared.as_ref()));
+        let a = prompt_of(&filler, "ab-7", 20, true);
+        let b = prompt_of(&filler, "ab-8", 20, true);
+        assert_eq!((a.len(), b.len()), (80, 80));
+        assert!(a.starts_with("ab-7: the quick"), "{a}");
+        assert_ne!(a.as_bytes()[3], b.as_bytes()[3]);
+        // Shorter than its id: the id and nothing else is cut.
+        assert_eq!(prompt_of(&filler, "ab-7", 1, true), "ab-7: ");
     }
 
     #[test]
