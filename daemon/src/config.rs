@@ -89,6 +89,9 @@ pub struct Config {
     /// Draining on SIGTERM.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Online calibration of the experts' latency models.
+    #[serde(default)]
+    pub calibration: CalibrationConfig,
     /// The experts, in the order the policy indexes them.
     #[serde(rename = "expert", default)]
     pub experts: Vec<ExpertConfig>,
@@ -275,6 +278,52 @@ pub struct ShutdownConfig {
     pub drain_deadline_s: f64,
 }
 
+/// Online calibration of every expert's latency model from the times the daemon observes
+/// (`qosroute_core::calibration`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationConfig {
+    /// What an expert's configured `[expert.latency]` is worth, in observations of 512-token
+    /// prompts (prefill) and of decode steps, when the daemon starts: 10 (the default) suits a
+    /// model measured on that expert (`qosroute profile`); a guess from published figures
+    /// deserves 1 or 2, so that the expert's real speed takes over within tens of requests
+    /// (a prefill observation of a `p`-token prompt counts `(p / 512)^2` of one).
+    #[serde(default = "default_prior_weight")]
+    pub prior_weight: f64,
+    /// Forgetting per observation, in (0, 1]: the memory is about `1 / (1 - forgetting)`
+    /// observations (100 at the default 0.99); 1 never forgets.
+    #[serde(default = "default_forgetting")]
+    pub forgetting: f64,
+}
+
+impl CalibrationConfig {
+    /// The calibrator's settings: these two, the rest at their defaults.
+    pub fn settings(&self) -> qosroute_core::CalibratorSettings {
+        qosroute_core::CalibratorSettings {
+            prior_weight: self.prior_weight,
+            forgetting: self.forgetting,
+            ..qosroute_core::CalibratorSettings::default()
+        }
+    }
+}
+
+impl Default for CalibrationConfig {
+    fn default() -> Self {
+        Self {
+            prior_weight: default_prior_weight(),
+            forgetting: default_forgetting(),
+        }
+    }
+}
+
+fn default_prior_weight() -> f64 {
+    qosroute_core::CalibratorSettings::default().prior_weight
+}
+
+fn default_forgetting() -> f64 {
+    qosroute_core::CalibratorSettings::default().forgetting
+}
+
 /// One expert: where it is, what it serves, and the profile the policy reasons with.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -322,6 +371,16 @@ pub struct ExpertConfig {
     /// has on the task, which feeds `qosroute_qos_*`). Real servers may refuse unknown fields.
     #[serde(default)]
     pub qosroute_extension: bool,
+    /// Deadline of one health check or load scrape, seconds (default 2). A server whose health
+    /// endpoint does not answer while it computes (llama-cpp-python's stalls for the whole
+    /// prefill of a prompt) needs about its longest prefill here, or it is taken for down
+    /// while it works.
+    #[serde(default = "default_health_timeout_s")]
+    pub health_timeout_s: f64,
+}
+
+fn default_health_timeout_s() -> f64 {
+    2.0
 }
 
 /// The device a local expert computes on, as host telemetry names it.
@@ -621,6 +680,14 @@ impl Config {
             );
         }
         p.positive("shutdown.drain_deadline_s", self.shutdown.drain_deadline_s);
+        p.positive("calibration.prior_weight", self.calibration.prior_weight);
+        let f = self.calibration.forgetting;
+        if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+            p.add(
+                "calibration.forgetting",
+                format!("must be in (0, 1], got {f}"),
+            );
+        }
         self.validate_experts(&mut p);
         p.0
     }
@@ -733,6 +800,12 @@ impl Config {
                 ),
             }
             p.non_empty(&key("model"), &e.model);
+            if !(e.health_timeout_s > 0.0 && e.health_timeout_s <= 3600.0) {
+                p.add(
+                    key("health_timeout_s"),
+                    format!("must be within (0, 3600] s, got {}", e.health_timeout_s),
+                );
+            }
             if let Some(var) = &e.api_key_env
                 && std::env::var_os(var).is_none()
             {
@@ -851,6 +924,11 @@ mod tests {
         assert_eq!(c.request_filter(), "qosroute/v1/lab/req/#");
         assert!(c.model_file().unwrap().ends_with("router-f32.onnx"));
         assert_eq!(c.profiles()[1].model, "qwen25_7b");
+        assert_eq!(c.calibration, CalibrationConfig::default());
+        assert_eq!(
+            c.calibration.settings(),
+            qosroute_core::CalibratorSettings::default()
+        );
     }
 
     #[test]
@@ -866,7 +944,10 @@ mod tests {
                 "base_url = \"10.0.0.20:8000\"",
             )
             .replace("prefill_tok_s = 5500.0", "prefill_tok_s = -1.0")
-            .replace("mmlu = 0.71", "mmlu = 1.5");
+            .replace("mmlu = 0.71", "mmlu = 1.5")
+            .replace("prior_weight = 10.0", "prior_weight = 0.0")
+            .replace("kind = \"vllm\"", "kind = \"vllm\"\nhealth_timeout_s = 0.0")
+            .replace("forgetting = 0.99", "forgetting = 1.5");
         let problems = Config::parse(&text, "bad").unwrap().validate();
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
         for key in [
@@ -878,10 +959,13 @@ mod tests {
             "expert[1].base_url",
             "expert[1].latency.prefill_tok_s",
             "expert[1].quality.mmlu",
+            "calibration.prior_weight",
+            "calibration.forgetting",
+            "expert[1].health_timeout_s",
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
-        assert_eq!(problems.len(), 8, "{problems:?}");
+        assert_eq!(problems.len(), 11, "{problems:?}");
     }
 
     #[test]

@@ -114,6 +114,9 @@ fn build_clients(config: &Config) -> anyhow::Result<HashMap<String, ExpertClient
         let mut endpoint = ExpertEndpoint::new(&e.name, &e.base_url, &e.model, e.kind);
         endpoint.api_key = api_key;
         endpoint.timeouts = timeouts(config);
+        // Validated within (0, 3600] s.
+        endpoint.probe_timeout = Duration::try_from_secs_f64(e.health_timeout_s.min(3600.0))
+            .unwrap_or(Duration::from_secs(2));
         if let Some(m) = &e.metrics {
             let mut names = e.kind.default_metric_names();
             if let Some(x) = &m.running {

@@ -38,6 +38,11 @@ pub struct Dispatched {
     pub first_token_at: Option<Instant>,
     /// Tokens streamed back so far.
     pub generated_tokens: u32,
+    /// Since when it has held one of the expert's slots in this daemon's view (set by the
+    /// ledger): its dispatch when a slot was free then, else the moment the request ahead of it
+    /// finished; `None` while it waits. Its prefill is measured from then, not from its
+    /// dispatch, which would count its wait as prefill.
+    pub slot_since: Option<Instant>,
 }
 
 /// What the daemon knows about one expert besides its requests.
@@ -297,8 +302,10 @@ impl Ledger {
     }
 
     /// Records a dispatch.
-    pub fn dispatch(&mut self, e: usize, d: Dispatched) {
+    pub fn dispatch(&mut self, e: usize, mut d: Dispatched) {
         if let Some(book) = self.experts.get_mut(e) {
+            d.slot_since =
+                (book.in_flight.len() < book.profile.max_slots as usize).then_some(d.dispatched_at);
             book.in_flight.push(d);
         }
     }
@@ -324,7 +331,16 @@ impl Ledger {
     pub fn finish(&mut self, e: usize, key: u64) -> Option<Dispatched> {
         let book = self.experts.get_mut(e)?;
         let i = book.in_flight.iter().position(|d| d.key == key)?;
-        Some(book.in_flight.remove(i))
+        let done = book.in_flight.remove(i);
+        // The first waiting request takes the freed slot (engines serve in arrival order).
+        let slots = book.profile.max_slots as usize;
+        if i < slots
+            && let Some(next) = book.in_flight.get_mut(slots - 1)
+            && next.slot_since.is_none()
+        {
+            next.slot_since = Some(Instant::now());
+        }
+        Some(done)
     }
 
     /// A successful request, check or scrape: the expert is alive.
@@ -405,6 +421,7 @@ mod tests {
             dispatched_at: at,
             first_token_at: None,
             generated_tokens: 0,
+            slot_since: None,
         }
     }
 
@@ -429,6 +446,28 @@ mod tests {
         assert_eq!(ledger.finish(0, 0).map(|d| d.key), Some(0));
         assert_eq!(ledger.in_flight(), 2);
         assert_eq!(ledger.finish(0, 0), None);
+        // Request 2 waited for a slot from its dispatch until request 0 finished (now).
+        let since: Vec<(u64, Option<Instant>)> = ledger.experts[0]
+            .in_flight
+            .iter()
+            .map(|d| (d.key, d.slot_since))
+            .collect();
+        assert_eq!(since, [(1, Some(epoch)), (2, Some(now))]);
+        ledger.dispatch(0, dispatched(3, now));
+        assert_eq!(
+            ledger.experts[0].in_flight[2].slot_since, None,
+            "both slots taken"
+        );
+        tokio::time::advance(Duration::from_millis(100)).await;
+        // A waiting request finishing frees no slot.
+        ledger.dispatch(0, dispatched(4, now));
+        assert!(ledger.finish(0, 4).is_some());
+        assert_eq!(ledger.experts[0].in_flight[2].slot_since, None);
+        assert!(ledger.finish(0, 1).is_some());
+        assert_eq!(
+            ledger.experts[0].in_flight[1].slot_since,
+            Some(Instant::now())
+        );
     }
 
     #[tokio::test(start_paused = true)]

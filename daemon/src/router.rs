@@ -121,7 +121,7 @@ impl Router {
             )?,
             calibrators: profiles
                 .iter()
-                .map(|p| LatencyCalibrator::new(p).ok())
+                .map(|p| LatencyCalibrator::with_settings(p, config.calibration.settings()).ok())
                 .collect(),
             epoch,
             stale_after: Duration::from_secs_f64(config.telemetry.stale_after_s),
@@ -148,7 +148,8 @@ impl Router {
         self.lengths.reconfigure(&names);
         let profiles = config.profiles();
         let mut ledger = Ledger::new(&profiles);
-        // A kept expert keeps its calibration unless its configured latency model changed.
+        // A kept expert keeps its calibration unless its configured latency model changed
+        // (then, and for a new expert, calibration starts from the configuration in force).
         let mut calibrators: Vec<Option<LatencyCalibrator>> = Vec::with_capacity(profiles.len());
         for p in &profiles {
             let kept = self.ledger.index_of(&p.name).and_then(|old| {
@@ -156,7 +157,9 @@ impl Router {
                     .then(|| self.calibrators.get_mut(old).and_then(Option::take))
                     .flatten()
             });
-            calibrators.push(kept.or_else(|| LatencyCalibrator::new(p).ok()));
+            calibrators.push(kept.or_else(|| {
+                LatencyCalibrator::with_settings(p, config.calibration.settings()).ok()
+            }));
         }
         ledger.host_busy_above = config.telemetry.host_busy_above;
         ledger.host = self.ledger.host.take();

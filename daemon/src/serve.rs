@@ -28,7 +28,10 @@ pub struct ReplyRoute {
     pub lane: Lane,
 }
 
-/// Tokens collected before a chunk is published (streaming), at most.
+/// Tokens collected before a chunk is published (streaming), at most. The first token goes
+/// out alone, at once: the device's time to first token is the expert's plus the hop, not
+/// plus a batching delay (`qosroute validate` against emulated experts measured +40 ms at the
+/// median when the first chunk waited for the interval).
 const CHUNK_TOKENS: usize = 16;
 /// A chunk is published at least this often while tokens arrive (streaming).
 const CHUNK_INTERVAL: Duration = Duration::from_millis(50);
@@ -238,6 +241,7 @@ async fn serve(
                     dispatched_at: now,
                     first_token_at: None,
                     generated_tokens: 0,
+                    slot_since: None,
                 },
             );
             let client = shared.client(&name);
@@ -387,16 +391,17 @@ async fn stream_answer(
                 router.ledger.tokens_by_name(expert, key, 1, at);
                 if first_token_at.is_none() {
                     first_token_at = Some(at);
-                    // A request that held a slot (did not queue) measures the prefill time.
+                    // The prefill time: from when the request got a slot (its dispatch, or
+                    // when the request ahead of it finished) to its first token. A request
+                    // that still waits in the daemon's view measures nothing.
                     if let Some(e) = router.ledger.index_of(expert) {
-                        let book = &router.ledger.experts[e];
-                        let had_a_slot = book
+                        let slot_since = router.ledger.experts[e]
                             .in_flight
                             .iter()
-                            .position(|d| d.key == key)
-                            .is_some_and(|p| p < book.profile.max_slots as usize);
-                        if had_a_slot {
-                            let ttft = at.saturating_duration_since(dispatched_at).as_secs_f64();
+                            .find(|d| d.key == key)
+                            .and_then(|d| d.slot_since);
+                        if let Some(since) = slot_since {
+                            let ttft = at.saturating_duration_since(since).as_secs_f64();
                             router.observe_prefill(
                                 e,
                                 estimate_prompt_tokens(&request.prompt),
@@ -409,7 +414,9 @@ async fn stream_answer(
                 pending.push_str(&text);
                 pending_tokens += 1;
                 if request.stream
-                    && (pending_tokens >= CHUNK_TOKENS || last_flush.elapsed() >= CHUNK_INTERVAL)
+                    && (seq == 0
+                        || pending_tokens >= CHUNK_TOKENS
+                        || last_flush.elapsed() >= CHUNK_INTERVAL)
                 {
                     flush(shared, route, id, expert, &mut seq, &mut pending, false).await;
                     pending_tokens = 0;
