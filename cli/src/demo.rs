@@ -8,6 +8,9 @@
 //! Time is compressed by `--speed`: the experts run that many times faster than the hardware
 //! they model, the daemon's latency models and SLOs are scaled by the same factor, and the
 //! trace is replayed that much faster. `--load` scales the trace's arrival rate on top.
+//!
+//! `--real [N]` puts N real llama.cpp servers of SmolLM2-135M (`qosroute-real-engine`) in place
+//! of the N weakest emulated experts; time then runs at 1x.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{IsTerminal, Write as _};
@@ -33,6 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::plot::{BarSeries, SweepCurve, grouped_bars, sweep_curves};
+use crate::real_site::{RealServers, RealSite};
 use crate::table;
 
 /// The site name of the demo's topics.
@@ -74,8 +78,14 @@ pub struct DemoArgs {
     load: f64,
     /// Wall-clock speed-up: experts run this many times faster than the hardware they model,
     /// latency models and SLOs are scaled to match, and the trace is replayed this much faster.
-    #[arg(long, default_value_t = 10.0)]
-    speed: f64,
+    /// Default 10; 1 with --real (a real server runs at its own speed).
+    #[arg(long)]
+    speed: Option<f64>,
+    /// Real LLM servers in the site: N llama.cpp servers of SmolLM2-135M (default 1) replace
+    /// the N weakest emulated experts. Needs the engine (`bash scripts/real-engine.sh
+    /// install`); runs in real time, so use a short --minutes.
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", value_name = "N")]
+    real: Option<usize>,
     /// Simulated devices (MQTT connections).
     #[arg(long, default_value_t = 32)]
     devices: usize,
@@ -190,7 +200,12 @@ fn check_args(args: &DemoArgs) -> anyhow::Result<()> {
     };
     positive("minutes", args.minutes)?;
     positive("load", args.load)?;
-    positive("speed", args.speed)?;
+    positive("speed", args.speed())?;
+    if args.real.is_some() && args.speed() != 1.0 {
+        bail!(
+            "--real runs real servers, which cannot run faster than real time: leave --speed out (or 1)"
+        );
+    }
     positive("reply-timeout", args.reply_timeout)?;
     if !(args.offset_minutes.is_finite() && args.offset_minutes >= 0.0) {
         bail!("--offset-minutes must be 0 or more");
@@ -202,6 +217,14 @@ fn check_args(args: &DemoArgs) -> anyhow::Result<()> {
         bail!("--postcard-share must be in [0, 1]");
     }
     Ok(())
+}
+
+impl DemoArgs {
+    /// The wall-clock speed-up (`--speed`, else 10, or 1 with `--real`).
+    fn speed(&self) -> f64 {
+        self.speed
+            .unwrap_or(if self.real.is_some() { 1.0 } else { 10.0 })
+    }
 }
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
@@ -221,6 +244,23 @@ struct Setup {
     trace_name: String,
     daemon_exe: PathBuf,
     scratch: Scratch,
+    /// Real servers in place of some emulated experts (`--real`).
+    real: Option<RealSite>,
+}
+
+impl Setup {
+    /// Every expert of the site, emulated then real: (name, quality-table column).
+    fn site_experts(&self) -> Vec<(String, String)> {
+        let emulated = self.catalogue.experts.iter();
+        let real = self
+            .real
+            .iter()
+            .flat_map(|r| r.experts.iter().map(|(p, _)| p));
+        emulated
+            .chain(real)
+            .map(|e| (e.name.clone(), e.model.clone()))
+            .collect()
+    }
 }
 
 /// What the JSON says about the setup.
@@ -290,16 +330,11 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let first = args.offset_minutes;
     let mut facts = DemoSetup {
         catalogue: setup.catalogue.name.clone(),
-        experts: setup
-            .catalogue
-            .experts
-            .iter()
-            .map(|e| e.name.clone())
-            .collect(),
+        experts: setup.site_experts().into_iter().map(|(n, _)| n).collect(),
         trace: setup.trace_name.clone(),
         trace_window_minutes: [first, first + args.minutes],
         load: args.load,
-        speed: args.speed,
+        speed: args.speed(),
         requests: setup.requests.len(),
         devices: args.devices,
         postcard_share: args.postcard_share,
@@ -310,13 +345,16 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         notes: vec![
             format!(
                 "experts run {}x faster than the hardware they model; the daemon's latency models and SLOs are scaled by 1/{} to match; latencies here are wall-clock",
-                args.speed, args.speed
+                args.speed(), args.speed()
             ),
             "avg_qos is computed by the devices from the quality table (the true quality of the answering expert's model on the request's row, 0 when the SLO is missed, errors and lost requests 0); the daemon's (qosroute_qos_*) from what the emulated experts report through the qosroute extension: their model's mean quality on the request's task (the daemon forwards the task, not the row)".into(),
             "answers are at most 128 tokens (the emulator's default answer length) and prompts at most 2048 tokens (8 KiB, the wire bound): the daemon does not forward the expected output length".into(),
         ],
     };
-    let planned_s = setup.requests.last().map_or(0.0, |r| r.arrival_s) / args.speed;
+    if let Some(real) = &setup.real {
+        facts.notes.push(real.note());
+    }
+    let planned_s = setup.requests.last().map_or(0.0, |r| r.arrival_s) / args.speed();
     eprintln!(
         "qosroute demo: {} requests of {} (minutes {:.1}-{:.1}, load {}x) on {} ({} experts) through {}, {}x faster than real time: about {:.0} s per router",
         setup.requests.len(),
@@ -325,9 +363,9 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         first + args.minutes,
         args.load,
         setup.catalogue.name,
-        setup.catalogue.experts.len(),
+        facts.experts.len(),
         facts.broker,
-        args.speed,
+        args.speed(),
         planned_s + 5.0
     );
     let mut runs = Vec::new();
@@ -498,7 +536,13 @@ fn prepare(args: &DemoArgs) -> anyhow::Result<Setup> {
     };
     let requests = SwarmRequest::from_workload(&workload);
     let daemon_exe = find_daemon(args.daemon.as_ref())?;
+    let mut catalogue = catalogue;
+    let real = match args.real {
+        Some(n) => Some(RealSite::plan(n, &mut catalogue, &quality)?),
+        None => None,
+    };
     Ok(Setup {
+        real,
         catalogue,
         quality,
         requests,
@@ -821,6 +865,13 @@ fn start_rumqttd(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The experts of one run: emulated in-process, and the real servers of `--real`.
+#[derive(Debug, Clone, Copy)]
+struct RunExperts<'a> {
+    emulated: &'a [EmulatedExpert],
+    real: Option<&'a RealServers>,
+}
+
 /// The emulated experts of the catalogue, `speed` times faster than their hardware.
 async fn start_experts(
     setup: &Setup,
@@ -924,7 +975,7 @@ pub(crate) fn broker_and_policy(
 fn daemon_config(
     setup: &Setup,
     router: &Router,
-    experts: &[EmulatedExpert],
+    experts: RunExperts<'_>,
     broker_url: &str,
     client_id: &str,
     metrics_port: u16,
@@ -944,22 +995,59 @@ fn daemon_config(
     for (task, s) in &slo.per_task {
         let _ = writeln!(c, "{} = {:e}", task.as_str(), s / speed);
     }
+    // A real server's health endpoint stalls while it prefills (up to about 11 s for the
+    // longest prompt): it is not stale meanwhile.
+    let RunExperts {
+        emulated: experts,
+        real,
+    } = experts;
+    let stale_after_s = if real.is_some() { 30.0 } else { 2.0 };
     let _ = writeln!(
         c,
-        "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[telemetry]\nscrape_interval_s = 0.25\nstale_after_s = 2.0\n\n[shutdown]\ndrain_deadline_s = 2.0"
+        "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[telemetry]\nscrape_interval_s = 0.25\nstale_after_s = {stale_after_s:?}\n\n[shutdown]\ndrain_deadline_s = 2.0"
     );
-    for (profile, expert) in setup.catalogue.experts.iter().zip(experts) {
+    let emulated = setup
+        .catalogue
+        .experts
+        .iter()
+        .zip(experts)
+        .map(|(profile, expert)| {
+            (
+                profile,
+                expert.base_url(),
+                expert.model_name().to_owned(),
+                format!(
+                    "kind = \"vllm\"\nqosroute_extension = true\nhardware = {}",
+                    toml_str(&format!("{} (emulated, {speed}x)", profile.hardware))
+                ),
+            )
+        });
+    let real = real
+        .into_iter()
+        .flat_map(|r| &r.servers)
+        .map(|(profile, server)| {
+            (
+                profile,
+                server.base_url(),
+                qosroute_real_engine::SERVED_MODEL.to_owned(),
+                format!(
+                    "kind = \"openai\"\nhealth_timeout_s = {:?}\nhardware = {}",
+                    crate::real_site::HEALTH_TIMEOUT_S,
+                    toml_str(&profile.hardware)
+                ),
+            )
+        });
+    for (profile, base_url, served_model, engine) in emulated.chain(real) {
         let l = &profile.latency;
         let _ = writeln!(
             c,
-            "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = \"vllm\"\nqosroute_extension = true\nquality_model = {}\nmax_slots = {}\nkv_tokens = {}\nhardware = {}\n[expert.latency]\nprefill_tok_s = {:e}\ndecode_t0_s = {:e}\ndecode_d_s_per_seq = {:e}\ndecode_e_s_per_ctx_token = {:e}\n[expert.quality]",
+            "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\n{engine}\nquality_model = {}\nmax_slots = {}\nkv_tokens = {}\n[expert.latency]\nprefill_tok_s = {:e}\ndecode_t0_s = {:e}\ndecode_d_s_per_seq = {:e}\ndecode_e_s_per_ctx_token = {:e}\n[expert.quality]",
             toml_str(&profile.name),
-            toml_str(&expert.base_url()),
-            toml_str(expert.model_name()),
+            toml_str(&base_url),
+            toml_str(&served_model),
             toml_str(&profile.model),
             profile.max_slots,
             profile.kv_tokens,
-            toml_str(&format!("{} (emulated, {speed}x)", profile.hardware)),
             l.prefill_tok_s * speed,
             l.decode_t0_s / speed,
             l.decode_d_s_per_seq / speed,
@@ -1062,9 +1150,28 @@ async fn run_router(
     interrupt: &CancellationToken,
 ) -> anyhow::Result<PolicyRun> {
     let started = Instant::now();
-    let experts = start_experts(setup, args.speed, args.seed).await?;
-    let result = run_with_experts(args, setup, router, k, broker_url, interrupt, &experts).await;
+    let experts = start_experts(setup, args.speed(), args.seed).await?;
+    let real = match &setup.real {
+        Some(site) => {
+            let dir = setup.scratch.0.join(format!("run-{k}"));
+            std::fs::create_dir_all(&dir)?;
+            match RealServers::start(site, &dir).await {
+                Ok(servers) => Some(servers),
+                Err(e) => {
+                    stop_experts(experts).await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let site = RunExperts {
+        emulated: &experts,
+        real: real.as_ref(),
+    };
+    let result = run_with_experts(args, setup, router, k, broker_url, interrupt, site).await;
     stop_experts(experts).await;
+    drop(real);
     let (summary_run, exit) = result?;
     Ok(PolicyRun {
         wall_s: started.elapsed().as_secs_f64(),
@@ -1080,7 +1187,7 @@ async fn run_with_experts(
     k: usize,
     broker_url: &str,
     interrupt: &CancellationToken,
-    experts: &[EmulatedExpert],
+    experts: RunExperts<'_>,
 ) -> anyhow::Result<(PolicyRun, Option<i32>)> {
     let metrics_port = free_port()?;
     let client_id = format!("qosrouted-demo-{}-{k}", std::process::id());
@@ -1091,7 +1198,7 @@ async fn run_with_experts(
         broker_url,
         &client_id,
         metrics_port,
-        args.speed,
+        args.speed(),
     );
     let dir = setup.scratch.0.join(format!("run-{k}"));
     std::fs::create_dir_all(&dir)?;
@@ -1138,12 +1245,8 @@ async fn drive(
     daemon: &mut DaemonProcess,
     interrupt: &CancellationToken,
 ) -> anyhow::Result<PolicyRun> {
-    let names: Vec<String> = setup
-        .catalogue
-        .experts
-        .iter()
-        .map(|e| e.name.clone())
-        .collect();
+    let site = setup.site_experts();
+    let names: Vec<String> = site.iter().map(|(n, _)| n.clone()).collect();
     wait_for_port(
         daemon.metrics_port,
         "qosrouted's metrics",
@@ -1156,7 +1259,10 @@ async fn drive(
         .await?;
     let mut config = SwarmConfig::new(broker_url, SITE);
     config.devices = args.devices;
-    config.speed = args.speed;
+    config.speed = args.speed();
+    // Real servers cache prompts: a prompt that shares a prefix with an earlier one would skip
+    // part of its prefill, which devices' prompts do not.
+    config.unique_prompts = setup.real.is_some();
     config.postcard_share = args.postcard_share;
     config.feedback = !args.no_feedback;
     config.reply_timeout = Duration::from_secs_f64(args.reply_timeout);
@@ -1167,14 +1273,7 @@ async fn drive(
         probe = probe_gateway(&config, Duration::from_secs(15)) => { probe?; }
         () = interrupt.cancelled() => bail!("interrupted while waiting for the gateway"),
     }
-    let truth = QualityTruth::new(
-        setup.quality.clone(),
-        setup
-            .catalogue
-            .experts
-            .iter()
-            .map(|e| (e.name.clone(), e.model.clone())),
-    );
+    let truth = QualityTruth::new(setup.quality.clone(), site);
     let swarm = Swarm::start(config, &setup.requests, Some(truth)).await?;
     let mut view = LiveView::new(router.name(), names.clone());
     let mut tick = tokio::time::interval(Duration::from_millis(500));

@@ -7,6 +7,7 @@ mod demo;
 mod emulate;
 mod plot;
 mod profile;
+mod real_site;
 mod table;
 mod train;
 mod validate;

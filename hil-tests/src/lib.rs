@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 pub use report::{Check, Figure, Report};
 pub use scenarios::{
     KEEP_LOGS_VAR, broker_restart, drain_clean_session, expert_kill, malformed, overload,
-    reload_and_drain, replay, shared_group,
+    real_expert, reload_and_drain, replay, shared_group,
 };
 
 /// How big a run is: [`Scale::CI`] (factor 1) or [`Scale::LONG`] (factor 10). Counts of
@@ -54,7 +54,7 @@ impl Scale {
 }
 
 /// The scenarios, by number: (number, name, what it asserts).
-pub const SCENARIOS: [(u8, &str, &str); 8] = [
+pub const SCENARIOS: [(u8, &str, &str); 9] = [
     (
         1,
         "replay",
@@ -95,7 +95,16 @@ pub const SCENARIOS: [(u8, &str, &str); 8] = [
         "drain-clean-session",
         "SIGTERM under load with a clean session: every final reply the daemon counts reaches its device",
     ),
+    (
+        9,
+        "real-expert",
+        "a real llama.cpp server (SmolLM2) beside emulated experts: served, streamed, calibrated to its measured speed (needs scripts/real-engine.sh install)",
+    ),
 ];
+
+/// The scenario that needs the real LLM engine (`scripts/real-engine.sh install`); the
+/// others need only mosquitto.
+pub const REAL_ENGINE_SCENARIO: u8 = 9;
 
 static DAEMON_BINARY: OnceLock<PathBuf> = OnceLock::new();
 
@@ -128,6 +137,7 @@ pub async fn run(number: u8, scale: Scale) -> anyhow::Result<Report> {
             6 => reload_and_drain(scale).await,
             7 => shared_group(scale).await,
             8 => drain_clean_session(scale).await,
+            9 => real_expert(scale).await,
             n => Err(anyhow::anyhow!(
                 "no scenario {n}: they are numbered 1 to {}",
                 SCENARIOS.len()

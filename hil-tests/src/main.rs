@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use qosroute_hil::{Report, SCENARIOS, Scale};
+use qosroute_hil::{REAL_ENGINE_SCENARIO, Report, SCENARIOS, Scale};
 
 /// The hardware-in-loop suite: the real `qosrouted`, a real mosquitto, emulated experts and
 /// MQTT devices, under faults and load (see hil-tests/README.md).
@@ -19,7 +19,8 @@ struct Args {
     /// Ten times the CI size (100,000 requests in scenarios 1 and 2).
     #[arg(long)]
     long: bool,
-    /// Only these scenarios (repeat or comma-separate: `--scenario 1,3`); default all.
+    /// Only these scenarios (repeat or comma-separate: `--scenario 1,3`); default all (9, the
+    /// real engine's, only when `scripts/real-engine.sh install` has installed the engine).
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<u8>,
     /// The `qosrouted` binary (default: next to this executable, or $QOSROUTED_BIN).
@@ -62,7 +63,15 @@ fn run() -> anyhow::Result<bool> {
     }
     let scale = if args.long { Scale::LONG } else { Scale::CI };
     let numbers: Vec<u8> = if args.scenario.is_empty() {
-        SCENARIOS.iter().map(|s| s.0).collect()
+        let engine = qosroute_real_engine::Engine::find();
+        if let Err(e) = &engine {
+            println!("qosroute-hil: scenario {REAL_ENGINE_SCENARIO} left out: {e}");
+        }
+        SCENARIOS
+            .iter()
+            .map(|s| s.0)
+            .filter(|&n| n != REAL_ENGINE_SCENARIO || engine.is_ok())
+            .collect()
     } else {
         args.scenario.clone()
     };

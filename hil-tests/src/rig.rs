@@ -290,6 +290,8 @@ impl Expert {
             name: self.profile.name.clone(),
             base_url: self.base_url(),
             model: self.options.model_name.clone(),
+            kind: "vllm".into(),
+            health_timeout_s: 2.0,
             quality_model: self.profile.model.clone(),
             max_slots: self.profile.max_slots,
             kv_tokens: self.profile.kv_tokens,
@@ -336,6 +338,10 @@ pub struct ExpertEntry {
     pub base_url: String,
     /// Served model name.
     pub model: String,
+    /// The engine (`[[expert]] kind`: `vllm` for the emulator, which serves vLLM's metrics).
+    pub kind: String,
+    /// `[[expert]] health_timeout_s`.
+    pub health_timeout_s: f64,
     /// Quality-table column.
     pub quality_model: String,
     /// Slots.
@@ -386,10 +392,14 @@ pub struct DaemonConfig {
     pub drain_deadline_s: f64,
     /// `telemetry.scrape_interval_s`.
     pub scrape_interval_s: f64,
+    /// `telemetry.stale_after_s`.
+    pub stale_after_s: f64,
     /// `timeouts.first_token_s`.
     pub first_token_s: f64,
     /// `timeouts.between_tokens_s`.
     pub between_tokens_s: f64,
+    /// `calibration.prior_weight`.
+    pub calibration_prior_weight: f64,
     /// `logging.log_prompts` (every admitted request is logged with its id).
     pub log_prompts: bool,
     /// The experts.
@@ -424,8 +434,10 @@ impl DaemonConfig {
             device_burst: 1000.0,
             drain_deadline_s: 5.0,
             scrape_interval_s: 0.2,
+            stale_after_s: 2.0,
             first_token_s: 5.0,
             between_tokens_s: 5.0,
+            calibration_prior_weight: 10.0,
             log_prompts: false,
             experts,
         }
@@ -481,8 +493,8 @@ impl DaemonConfig {
         let _ = writeln!(c, "[metrics]\nlisten = \"127.0.0.1:{{metrics_port}}\"");
         let _ = writeln!(
             c,
-            "[telemetry]\nscrape_interval_s = {:?}\nstale_after_s = 2.0",
-            self.scrape_interval_s
+            "[telemetry]\nscrape_interval_s = {:?}\nstale_after_s = {:?}",
+            self.scrape_interval_s, self.stale_after_s
         );
         let _ = writeln!(
             c,
@@ -490,14 +502,21 @@ impl DaemonConfig {
             self.drain_deadline_s
         );
         let _ = writeln!(c, "[logging]\nlog_prompts = {}", self.log_prompts);
+        let _ = writeln!(
+            c,
+            "[calibration]\nprior_weight = {:?}",
+            self.calibration_prior_weight
+        );
         for e in &self.experts {
             let l = &e.latency;
             let _ = writeln!(
                 c,
-                "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = \"vllm\"\nquality_model = {}\nmax_slots = {}\nkv_tokens = {}\n[expert.latency]\nprefill_tok_s = {:e}\ndecode_t0_s = {:e}\ndecode_d_s_per_seq = {:e}\ndecode_e_s_per_ctx_token = {:e}\n[expert.quality]\ndefault = {:.4}",
+                "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = {}\nhealth_timeout_s = {:?}\nquality_model = {}\nmax_slots = {}\nkv_tokens = {}\n[expert.latency]\nprefill_tok_s = {:e}\ndecode_t0_s = {:e}\ndecode_d_s_per_seq = {:e}\ndecode_e_s_per_ctx_token = {:e}\n[expert.quality]\ndefault = {:.4}",
                 toml_str(&e.name),
                 toml_str(&e.base_url),
                 toml_str(&e.model),
+                toml_str(&e.kind),
+                e.health_timeout_s,
                 toml_str(&e.quality_model),
                 e.max_slots,
                 e.kv_tokens,

@@ -54,3 +54,12 @@ async fn s7_a_shared_group_splits_the_load_and_loses_nothing_when_a_member_dies(
 async fn s8_a_drain_under_load_delivers_every_final_reply_it_counts() {
     scenario(8).await;
 }
+
+/// Needs the real LLM engine: `bash scripts/real-engine.sh install`, then
+/// `cargo nextest run -p qosroute-hil --run-ignored only` (or `bash scripts/real-engine.sh
+/// test`, which CI runs as `scripts/real-engine.sh ci` decides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real LLM engine: bash scripts/real-engine.sh install"]
+async fn s9_a_real_llm_engine_serves_streams_and_is_calibrated_to_its_measured_speed() {
+    scenario(9).await;
+}
