@@ -88,10 +88,19 @@ cargo_build=(cargo build)
 zig_target="$target"
 case "$linker" in
     zig)
+        # A venv of our own when the system Python refuses packages (PEP 668, Debian's);
+        # cargo-zigbuild runs `python3 -m ziglang`, so its bin goes first on PATH.
+        zig_venv="${QOSROUTE_ZIG_VENV:-$HOME/.cache/qosroute-zig-venv}"
+        [ -x "$zig_venv/bin/python3" ] && export PATH="$zig_venv/bin:$PATH"
         if ! command -v zig >/dev/null && ! python3 -m ziglang version >/dev/null 2>&1; then
             [ "$install" = 1 ] || die "zig not found (pip install ziglang)"
             log "installing zig from PyPI (ziglang)"
-            python3 -m pip install --quiet ziglang
+            if ! python3 -m pip install --quiet ziglang 2>/dev/null; then
+                log "the system Python refuses packages: installing ziglang into $zig_venv"
+                python3 -m venv "$zig_venv"
+                "$zig_venv/bin/pip" install --quiet ziglang
+                export PATH="$zig_venv/bin:$PATH"
+            fi
         fi
         if ! command -v cargo-zigbuild >/dev/null; then
             [ "$install" = 1 ] || die "cargo-zigbuild not found (cargo install --locked cargo-zigbuild)"

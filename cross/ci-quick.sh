@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
-# The reduced board checks every CI run makes (cross/ci.sh is the full set: an aarch64 build
-# with fat LTO and the daemon's unit tests under qemu take 25-55 min each from a cold cache
-# on 2 cores, more than a CI run on a new machine can spend):
+# The reduced board checks every CI run makes (cross/ci.sh is the full set: the fat-LTO board
+# build and the daemon's unit tests under qemu take 25-55 min each from a cold cache on a
+# loaded 2-core host):
 #
 #   1. `qosrouted --check-config` of configs/{dev,rpi5,jetson-orin}.toml with the host binary
 #      (the board configs' model folder, /usr/share/qosroute/models/han as the .deb installs
 #      it, pointed at the repository's copy);
 #   2. `systemd-analyze verify` of systemd/qosrouted.service and its `security` exposure
 #      score (must be OK or better), skipped with a message where systemd-analyze cannot be
-#      installed.
+#      installed;
+#   3. the HIL smoke scenario under qemu-aarch64 (cross/hil.sh) with qosrouted built for
+#      aarch64-unknown-linux-gnu in the dev profile (cargo-zigbuild, glibc 2.27): 143 s cold
+#      on this host, seconds warm; the HIL run about a minute. The board profile's fat LTO is
+#      what makes the full set slow; the smoke needs a binary for the board's CPU and libc,
+#      not its size;
+#   4. the daemon crate's unit tests (lib + bin) for aarch64 under qemu-aarch64, linked with
+#      Debian's cross gcc (installed when missing): 114 s cold here, 26 tests in 0.4 s.
+#   (--no-board-smoke skips 3 and 4.)
 #
-#   cross/ci-quick.sh [QOSROUTED]     (default: $CARGO_TARGET_DIR/debug/qosrouted, built if missing)
+#   cross/ci-quick.sh [QOSROUTED] [--no-board-smoke]
+#       QOSROUTED: the host daemon (default $CARGO_TARGET_DIR/debug/qosrouted, built if missing);
+#       the x86-64 qosroute CLI for the emulated experts is $CARGO_TARGET_DIR/debug/qosroute
+#       (built if missing).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
-bin="${1:-$CARGO_TARGET_DIR/debug/qosrouted}"
+board_smoke=1
+args=()
+for a in "$@"; do
+    case "$a" in
+        --no-board-smoke) board_smoke=0 ;;
+        *) args+=("$a") ;;
+    esac
+done
+bin="${args[0]:-$CARGO_TARGET_DIR/debug/qosrouted}"
 if [ ! -x "$bin" ]; then
     cargo build --locked -p qosroute-daemon --bin qosrouted
 fi
@@ -53,5 +72,39 @@ if command -v systemd-analyze >/dev/null; then
     echo "$score" | grep -q -E " (SAFE|OK) " || fail "exposure level worse than OK"
 else
     echo "cross/ci-quick.sh: SKIP systemd-analyze verify/security: systemd-analyze is not installable here"
+fi
+if [ "$board_smoke" = 1 ]; then
+    echo "== HIL smoke of qosrouted for aarch64 (dev profile) under qemu-aarch64"
+    cli="$CARGO_TARGET_DIR/debug/qosroute"
+    [ -x "$cli" ] || cargo build --locked -q -p qosroute-cli --bin qosroute
+    start=$(date +%s)
+    cross/build.sh aarch64-unknown-linux-gnu --profile dev
+    echo "aarch64 build: $(( $(date +%s) - start )) s"
+    HIL_CLI="$cli" cross/hil.sh --target aarch64-unknown-linux-gnu \
+        --bin "$CARGO_TARGET_DIR/aarch64-unknown-linux-gnu/debug/qosrouted" || fail "HIL smoke under qemu"
+
+    echo "== the daemon's unit tests for aarch64 under qemu-aarch64"
+    missing=()
+    for p in gcc-aarch64-linux-gnu libc6-arm64-cross qemu-user; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    start=$(date +%s)
+    # As cross/ci.sh: Debian's cross gcc links the tests (they run under qemu against Debian's
+    # arm64 libc, so the glibc floor does not matter); no debug info.
+    CARGO_PROFILE_DEV_DEBUG=0 \
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+    CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+    AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+        cargo test --locked -q -p qosroute-daemon --target aarch64-unknown-linux-gnu --lib --bins \
+        2>&1 | tee "$scratch/tests.txt"
+    grep -q "^test result: ok" "$scratch/tests.txt" || fail "the aarch64 unit tests did not pass"
+    ! grep -q "^test result: FAILED" "$scratch/tests.txt" || fail "an aarch64 unit test failed"
+    echo "aarch64 unit tests: $(( $(date +%s) - start )) s"
 fi
 echo "cross/ci-quick.sh: PASS"
