@@ -195,7 +195,7 @@ async fn serve(
                 .iter()
                 .filter_map(|name| router.ledger.index_of(name))
                 .collect();
-            let routing = router.decide(&core_request, &exclude, now);
+            let routing = router.decide(&core_request, request.max_tokens, &exclude, now);
             shared
                 .metrics
                 .decision_seconds
