@@ -77,34 +77,10 @@ if [ "$board_smoke" = 1 ]; then
     echo "== HIL smoke of qosrouted for aarch64 (dev profile) under qemu-aarch64"
     cli="$CARGO_TARGET_DIR/debug/qosroute"
     [ -x "$cli" ] || cargo build --locked -q -p qosroute-cli --bin qosroute
-    start=$(date +%s)
-    cross/build.sh aarch64-unknown-linux-gnu --profile dev
-    echo "aarch64 build: $(( $(date +%s) - start )) s"
-    HIL_CLI="$cli" cross/hil.sh --target aarch64-unknown-linux-gnu \
-        --bin "$CARGO_TARGET_DIR/aarch64-unknown-linux-gnu/debug/qosrouted" || fail "HIL smoke under qemu"
-
+    # hil.sh builds the daemon with cross/build.sh (which prints the build time).
+    HIL_CLI="$cli" cross/hil.sh --target aarch64-unknown-linux-gnu --profile dev \
+        || fail "HIL smoke under qemu"
     echo "== the daemon's unit tests for aarch64 under qemu-aarch64"
-    missing=()
-    for p in gcc-aarch64-linux-gnu libc6-arm64-cross qemu-user; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
-    start=$(date +%s)
-    # As cross/ci.sh: Debian's cross gcc links the tests (they run under qemu against Debian's
-    # arm64 libc, so the glibc floor does not matter); no debug info.
-    CARGO_PROFILE_DEV_DEBUG=0 \
-    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
-    CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
-    AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
-    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
-        cargo test --locked -q -p qosroute-daemon --target aarch64-unknown-linux-gnu --lib --bins \
-        2>&1 | tee "$scratch/tests.txt"
-    grep -q "^test result: ok" "$scratch/tests.txt" || fail "the aarch64 unit tests did not pass"
-    ! grep -q "^test result: FAILED" "$scratch/tests.txt" || fail "an aarch64 unit test failed"
-    echo "aarch64 unit tests: $(( $(date +%s) - start )) s"
+    cross/unit-tests.sh || fail "the aarch64 unit tests"
 fi
 echo "cross/ci-quick.sh: PASS"

@@ -73,16 +73,7 @@ fi
 # --- 2. unit tests under qemu --------------------------------------------------------------------
 if [ "$skip_tests" = 0 ]; then
     step "2. daemon unit tests for $target under qemu-aarch64"
-    # Debian's cross gcc links the tests (they run under qemu against Debian's arm64 libc,
-    # so the glibc floor does not matter here); separate from the zig-linked release build.
-    # No debug info: a third of the build time and disk, the tests only need pass/fail.
-    CARGO_PROFILE_DEV_DEBUG=0 \
-    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
-    CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
-    AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
-    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
-        cargo test --locked -p qosroute-daemon --target "$target" --lib --bins 2>&1 | tee "$scratch/tests.txt"
-    grep -q "^test result: ok" "$scratch/tests.txt" || fail "no passing test result"
+    cross/unit-tests.sh || fail "the aarch64 unit tests"
 else
     step "2. (unit tests skipped: --skip-tests)"
 fi

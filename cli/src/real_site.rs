@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use qosroute_core::{ExpertProfile, LatencyModel};
-use qosroute_expert_client::{ChatRequest, ExpertClient, ExpertEndpoint, ExpertKind, StreamEvent};
+use qosroute_expert_client::{ChatRequest, ExpertClient, ExpertEndpoint, ExpertKind};
 use qosroute_real_engine::{Engine, LlamaServer, SERVED_MODEL, ServerOptions};
 use qosroute_sim::{Catalogue, QualityTable};
 use tokio::time::Instant;
@@ -182,36 +182,21 @@ async fn measure(name: &str, base_url: &str) -> anyhow::Result<LatencyModel> {
 
 /// Time to first token and mean time between tokens of one streamed answer.
 async fn one_request(client: &ExpertClient, tag: &str) -> anyhow::Result<(f64, f64)> {
-    let filler = "the quick brown fox jumps over the lazy dog and asks the edge a question ";
-    let prompt: String = format!("{tag}-{}: {}", std::process::id(), filler.repeat(16))
-        .chars()
-        .take(PROBE_PROMPT as usize * 4)
-        .collect();
-    let sent = Instant::now();
+    let prompt =
+        qosroute_swarm::unique_prompt(&format!("{tag}-{}", std::process::id()), PROBE_PROMPT);
     // SmolLM2's special tokens banned (0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>): the
     // answer runs to its 32 tokens, so the decode step is measured on all of them.
     let request = ChatRequest::from_prompt(prompt, PROBE_OUTPUT).with_extra(
         "logit_bias",
         serde_json::json!({"0": -100, "1": -100, "2": -100}),
     );
-    let mut stream = client.chat(request).await?;
-    let (mut first, mut last, mut tokens) = (None, None, 0u32);
-    while let Some(event) = stream.next().await {
-        match event? {
-            StreamEvent::Token { at, .. } => {
-                first.get_or_insert(at);
-                last = Some(at);
-                tokens += 1;
-            }
-            StreamEvent::Done { .. } => break,
-        }
-    }
-    let (Some(first), Some(last)) = (first, last) else {
-        bail!("no token in the answer");
+    let sent = Instant::now();
+    let answer = client.chat(request).await?.read_to_end().await?;
+    let (Some(first), Some(step)) = (answer.first_token_at, answer.mean_step_s()) else {
+        bail!(
+            "{} token in the answer: too short to measure a decode step",
+            answer.tokens
+        );
     };
-    if tokens < 2 {
-        bail!("{tokens} token in the answer: too short to measure a decode step");
-    }
-    let step = last.saturating_duration_since(first).as_secs_f64() / f64::from(tokens - 1);
     Ok((first.saturating_duration_since(sent).as_secs_f64(), step))
 }

@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,7 +39,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::demo::{ChildGuard, DaemonProcess, check_config, free_port, toml_str, wait_for_port};
+use crate::demo::{
+    ChildGuard, DaemonProcess, check_config, free_port, spawn_daemon, toml_str, wait_for_port,
+};
 use crate::plot::{BarSeries, SweepCurve, grouped_bars, sweep_curves};
 use crate::profile::{Target, Tokenization, calibrate, synth_prompt};
 
@@ -321,20 +322,12 @@ async fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
     std::fs::write(&config_path, &config)?;
     check_config(&daemon_exe, &config_path)?;
     let log = scratch.0.join("qosrouted.log");
-    let child = ChildGuard::spawn(
-        Command::new(&daemon_exe)
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("QOSROUTE_VALIDATE_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?),
-        Duration::from_secs(10),
-    )
-    .with_context(|| format!("cannot start {}", daemon_exe.display()))?;
+    let child = spawn_daemon(
+        &daemon_exe,
+        &config_path,
+        &log,
+        "QOSROUTE_VALIDATE_DAEMON_LOG",
+    )?;
     let mut daemon = DaemonProcess {
         child,
         log,

@@ -3,30 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Builds `qosrouted` next to the `qosroute` under test, where the bench looks for it.
-fn build_daemon() {
-    let qosroute = PathBuf::from(env!("CARGO_BIN_EXE_qosroute"));
-    let dir = qosroute.parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build
-        .args(["build", "-p", "qosroute-daemon", "--bin", "qosrouted"])
-        .current_dir(repo());
-    if dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "cannot build qosrouted");
-    assert!(dir.join("qosrouted").exists());
-}
+use common::{build_daemon, repo};
 
 fn has_mosquitto() -> bool {
     [

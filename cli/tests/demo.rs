@@ -4,37 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("qosroute-demo-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Builds `qosrouted` next to the `qosroute` under test (another package's binary is not
-/// built for this package's tests), where the demo looks for it.
-fn build_daemon() {
-    let qosroute = PathBuf::from(env!("CARGO_BIN_EXE_qosroute"));
-    let dir = qosroute.parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build
-        .args(["build", "-p", "qosroute-daemon", "--bin", "qosrouted"])
-        .current_dir(repo());
-    if dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "cannot build qosrouted");
-    assert!(dir.join("qosrouted").exists());
-}
+use common::{build_daemon, repo, scratch};
 
 fn demo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qosroute"))
@@ -57,7 +32,7 @@ fn check_svg(path: &Path) {
 #[test]
 fn a_tiny_demo_accounts_for_every_request_of_every_router() {
     build_daemon();
-    let out_dir = scratch("tiny");
+    let out_dir = scratch("demo", "tiny");
     let out = demo(&[
         "--compare",
         "han,least-loaded",

@@ -7,6 +7,8 @@
 //! Measured (idle machine, debug build): per-token p50/p95 -0.8 %/-0.8 %, TTFT p50/p95
 //! -4.6 %/-1.5 %. It found the daemon holding the first chunk up to 50 ms (TTFT p50 -32 %).
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -14,34 +16,7 @@ use std::sync::Arc;
 use qosroute_core::{ExpertProfile, LatencyModel};
 use qosroute_emulator::{EmulatedExpert, EmulatorOptions};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "qosroute-validate-test-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Builds `qosrouted` next to the `qosroute` under test, where `validate` looks for it.
-fn build_daemon() {
-    let qosroute = PathBuf::from(env!("CARGO_BIN_EXE_qosroute"));
-    let dir = qosroute.parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build
-        .args(["build", "-p", "qosroute-daemon", "--bin", "qosrouted"])
-        .current_dir(repo());
-    if dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "cannot build qosrouted");
-}
+use common::{build_daemon, repo, scratch};
 
 /// A known expert: slow enough that milliseconds of MQTT and gateway overhead are small
 /// beside its times (a 300-token prompt prefills in 150 ms, a token takes 20-30 ms).
@@ -86,7 +61,7 @@ fn rel(sim: f64, real: f64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_against_known_servers_agrees_with_the_simulator() {
     build_daemon();
-    let dir = scratch("known");
+    let dir = scratch("validate", "known");
     let profiles = [known("fast", 4, 0.020), known("slow", 2, 0.030)];
     let mut experts = Vec::new();
     let mut files = Vec::new();

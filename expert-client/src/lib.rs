@@ -43,4 +43,4 @@ pub use error::{ExpertError, STATUS_BODY_EXCERPT_BYTES, TimeoutPhase};
 pub use load::{EngineLoad, busy_slots};
 pub use request::{ChatMessage, ChatRequest};
 pub use sse::{SseDecoder, SseError, SseEvent};
-pub use stream::{ChatStream, DRAIN_GRACE};
+pub use stream::{ChatStream, DRAIN_GRACE, ReadAnswer};

@@ -62,6 +62,35 @@ impl fmt::Debug for ChatStream {
     }
 }
 
+/// A whole answer, as [`ChatStream::read_to_end`] read it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReadAnswer {
+    /// The text, every token's in order.
+    pub text: String,
+    /// Content deltas (usually one token each).
+    pub tokens: u32,
+    /// When the first token arrived (`None`: no token).
+    pub first_token_at: Option<Instant>,
+    /// When the last token arrived.
+    pub last_token_at: Option<Instant>,
+    /// `stop`, `length`, ...; `None` when the server did not say.
+    pub finish_reason: Option<String>,
+    /// Token counts, when the server reported them.
+    pub usage: Option<crate::Usage>,
+    /// The `"qosroute"` extension object, when an expert sent one.
+    pub extension: Option<serde_json::Value>,
+}
+
+impl ReadAnswer {
+    /// Mean seconds between two tokens, first to last; `None` below two tokens.
+    pub fn mean_step_s(&self) -> Option<f64> {
+        let (first, last) = (self.first_token_at?, self.last_token_at?);
+        (self.tokens >= 2).then(|| {
+            last.saturating_duration_since(first).as_secs_f64() / f64::from(self.tokens - 1)
+        })
+    }
+}
+
 impl ChatStream {
     pub(crate) fn new(
         expert: Arc<str>,
@@ -126,6 +155,33 @@ impl ChatStream {
             }
             self.read(asked_at).await;
         }
+    }
+
+    /// Reads the answer to its end: its text, its token count and when its first and last
+    /// tokens arrived, with what [`StreamEvent::Done`] said. The first error ends it.
+    pub async fn read_to_end(&mut self) -> Result<ReadAnswer, ExpertError> {
+        let mut answer = ReadAnswer::default();
+        while let Some(event) = self.next().await {
+            match event? {
+                StreamEvent::Token { text, at } => {
+                    answer.first_token_at.get_or_insert(at);
+                    answer.last_token_at = Some(at);
+                    answer.tokens += 1;
+                    answer.text.push_str(&text);
+                }
+                StreamEvent::Done {
+                    finish_reason,
+                    usage,
+                    extension,
+                } => {
+                    answer.finish_reason = finish_reason;
+                    answer.usage = usage;
+                    answer.extension = extension;
+                    break;
+                }
+            }
+        }
+        Ok(answer)
     }
 
     /// Turns the stream into a [`futures_core::Stream`] with the same items.

@@ -95,6 +95,27 @@ async fn tokens_arrive_in_order_with_usage_and_the_extension() {
 }
 
 #[tokio::test]
+async fn read_to_end_gathers_what_next_yields() {
+    let tokens = ["Hello", ",", " wörld", " 😀", "!"];
+    let server =
+        TestServer::start(move |_| Reply::sse(vec![Step::Write(stream_of(&tokens))])).await;
+    let client = ExpertClient::new(server.endpoint(ExpertKind::Vllm)).unwrap();
+    let read = bounded(async {
+        let mut stream = client.chat(prompt()).await?;
+        stream.read_to_end().await
+    })
+    .await
+    .unwrap();
+    assert_eq!(read.text, tokens.concat());
+    assert_eq!(read.tokens, 5);
+    assert!(read.first_token_at.unwrap() <= read.last_token_at.unwrap());
+    assert!(read.mean_step_s().unwrap() >= 0.0);
+    assert_eq!(read.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(read.usage.map(|u| u.completion_tokens), Some(5));
+    assert_eq!(read.extension, Some(json!({"quality": 0.5})));
+}
+
+#[tokio::test]
 async fn one_byte_writes_give_the_same_answer() {
     let tokens = ["Grüße", " aus", " 東京", " 😀"];
     let whole = stream_of(&tokens);

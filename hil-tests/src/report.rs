@@ -92,6 +92,21 @@ impl Report {
             .map(|f| f.value.as_str())
     }
 
+    /// Checks that the daemon's peak resident memory stayed within `bound_kib` of its level at
+    /// the start (all in KiB).
+    pub fn check_memory_bounded(&mut self, start_kib: u64, peak_kib: u64, bound_kib: u64) {
+        self.check(
+            "daemon memory bounded",
+            peak_kib <= start_kib + bound_kib,
+            format!(
+                "peak VmRSS {} <= {} at start + {}",
+                mib(peak_kib),
+                mib(start_kib),
+                mib(bound_kib)
+            ),
+        );
+    }
+
     /// The usual figures of a swarm run, prefixed with `prefix` (empty for the main run).
     pub fn swarm_figures(&mut self, prefix: &str, s: &SwarmSummary) {
         let p = |n: &str| {

@@ -266,11 +266,6 @@ impl LlamaServer {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Its process id (of `taskset`'s exec: the same process).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Its log file.
     pub fn log(&self) -> &Path {
         &self.log

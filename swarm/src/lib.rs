@@ -39,7 +39,7 @@ mod truth;
 pub use config::{SwarmConfig, parse_broker_url};
 pub use record::{Outcome, RequestRecord, SwarmRequest, UnexpectedReplies};
 pub use report::{ExpertShare, Percentiles, SwarmReport, SwarmSummary, TimelinePoint};
-pub use swarm::{Swarm, SwarmProgress, probe_gateway};
+pub use swarm::{Swarm, SwarmProgress, probe_gateway, unique_prompt};
 pub use truth::QualityTruth;
 
 /// Largest prompt a device sends, in tokens: prompts are about four bytes per token (as the

@@ -627,6 +627,13 @@ fn send_feedback(shared: &Shared, device: &Device, f: FeedbackToSend) {
     }
 }
 
+/// The prompt a device sends for request `id` of `tokens` tokens with
+/// [`SwarmConfig::unique_prompts`](crate::SwarmConfig::unique_prompts): the id, a colon and the
+/// filler words, 4 bytes per token. For measuring a server directly with what devices send.
+pub fn unique_prompt(id: &str, tokens: u32) -> String {
+    prompt_of(&prompt_text(), id, tokens, true).into_owned()
+}
+
 /// The prompt of a request of `tokens` tokens: that many 4-byte tokens of the filler text
 /// `prompt`, or, `unique`, the request's id, a colon and filler up to the same length.
 fn prompt_of<'a>(prompt: &'a str, id: &str, tokens: u32, unique: bool) -> Cow<'a, str> {

@@ -510,16 +510,7 @@ pub async fn malformed(scale: Scale) -> anyhow::Result<Report> {
         ),
     );
     let peak = sampler.peak_kib();
-    report.check(
-        "daemon memory bounded",
-        peak <= rss_start + RSS_BOUND_KIB,
-        format!(
-            "peak VmRSS {} <= {} at start + {}",
-            mib(peak),
-            mib(rss_start),
-            mib(RSS_BOUND_KIB)
-        ),
-    );
+    report.check_memory_bounded(rss_start, peak, RSS_BOUND_KIB);
     drop(sampler);
     finish_daemon(&mut report, &mut daemon, Some(s.completed), "").await;
     report.wall_s = started.elapsed().as_secs_f64();

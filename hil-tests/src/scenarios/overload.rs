@@ -211,16 +211,7 @@ pub async fn overload(scale: Scale) -> anyhow::Result<Report> {
             1.1 * slo_wall * 1e3
         ),
     );
-    report.check(
-        "daemon memory bounded",
-        peak <= rss_start + RSS_BOUND_KIB,
-        format!(
-            "peak VmRSS {} <= {} at start + {}",
-            mib(peak),
-            mib(rss_start),
-            mib(RSS_BOUND_KIB)
-        ),
-    );
+    report.check_memory_bounded(rss_start, peak, RSS_BOUND_KIB);
     drop(sampler);
     finish_daemon(&mut report, &mut daemon, Some(s.completed), "").await;
     drop(experts);

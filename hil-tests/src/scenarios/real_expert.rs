@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use qosroute_core::{LatencyModel, SloTable, Task};
-use qosroute_expert_client::{ChatRequest, ExpertClient, ExpertEndpoint, ExpertKind, StreamEvent};
+use qosroute_expert_client::{ChatRequest, ExpertClient, ExpertEndpoint, ExpertKind};
 use qosroute_real_engine::{Engine, LlamaServer, SERVED_MODEL, ServerOptions};
-use qosroute_swarm::{Outcome, Swarm};
+use qosroute_swarm::{Outcome, Swarm, unique_prompt};
 use qosroute_testkit::Broker;
 use tokio::time::Instant;
 
@@ -55,46 +55,35 @@ struct Measured {
     tokens: u32,
 }
 
-/// A prompt like the swarm's devices send for `tokens` tokens (a unique tag, then its filler
-/// words, 4 bytes per token), so that the direct probes measure what the daemon forwards.
-fn device_prompt(tag: &str, tokens: u32) -> String {
-    const FILLER: &str =
-        "the quick brown fox jumps over the lazy dog and asks the edge a question ";
-    let text = format!(
-        "{tag}: {}",
-        FILLER.repeat(tokens as usize * 4 / FILLER.len() + 1)
-    );
-    text.chars().take(tokens as usize * 4).collect()
-}
-
-/// One streamed request straight to the server: time to first token and mean time between
-/// tokens.
+/// One streamed request straight to the server, with the prompt a device sends (request
+/// `tag`): time to first token and mean time between tokens.
 async fn measure(client: &ExpertClient, tag: &str) -> anyhow::Result<Measured> {
-    let request = ChatRequest::from_prompt(device_prompt(tag, PROMPT), OUTPUT);
+    let request = ChatRequest::from_prompt(unique_prompt(tag, PROMPT), OUTPUT);
     let sent = Instant::now();
-    let mut stream = client.chat(request).await.context("direct request")?;
-    let (mut first, mut last, mut tokens, mut text) = (None, None, 0u32, String::new());
-    while let Some(event) = stream.next().await {
-        match event.context("direct stream")? {
-            StreamEvent::Token { text: t, at } => {
-                first.get_or_insert(at);
-                last = Some(at);
-                tokens += 1;
-                text.push_str(&t);
-            }
-            StreamEvent::Done { .. } => break,
-        }
-    }
-    let (Some(first), Some(last)) = (first, last) else {
-        bail!("the server answered no token");
+    let answer = client
+        .chat(request)
+        .await
+        .context("direct request")?
+        .read_to_end()
+        .await
+        .context("direct stream")?;
+    let (Some(first), Some(step_s)) = (answer.first_token_at, answer.mean_step_s()) else {
+        bail!(
+            "the server answered {} tokens: too short to measure",
+            answer.tokens
+        );
     };
-    if tokens < 3 || text.trim().is_empty() {
-        bail!("the server answered {tokens} tokens ({text:?}): too short to measure");
+    if answer.tokens < 3 || answer.text.trim().is_empty() {
+        bail!(
+            "the server answered {} tokens ({:?}): too short to measure",
+            answer.tokens,
+            answer.text
+        );
     }
     Ok(Measured {
         ttft_s: first.saturating_duration_since(sent).as_secs_f64(),
-        step_s: last.saturating_duration_since(first).as_secs_f64() / f64::from(tokens - 1),
-        tokens,
+        step_s,
+        tokens: answer.tokens,
     })
 }
 
