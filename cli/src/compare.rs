@@ -11,7 +11,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 
-use qosroute_core::{BASELINE_NAMES, OnnxPolicy, Policy};
+use qosroute_core::{BASELINE_NAMES, OnnxPolicy, PLANNER_NAME, Policy};
 use qosroute_sim::{RunReport, Simulation, Workload, generate, with_param};
 use serde::Serialize;
 
@@ -108,12 +108,23 @@ fn summarise(policy: &str, sweep_value: Option<f64>, runs: &[&RunReport]) -> Pol
     }
 }
 
-/// Policy names: `all` expands to every baseline; `han:PATH` is a learned router (ONNX).
+/// Policy names: `all` expands to every baseline and `qos-planner`; `han:PATH` is a learned
+/// router (ONNX); `qos-planner:k=16,h=20` takes its parameters (a `key=value` item after it
+/// belongs to it).
 fn parse_policies(list: &str) -> anyhow::Result<Vec<String>> {
     let mut names: Vec<String> = Vec::new();
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if name == "all" {
             names.extend(BASELINE_NAMES.iter().map(|s| (*s).to_owned()));
+            names.push(PLANNER_NAME.to_owned());
+        } else if name.contains('=')
+            && !name.contains(':')
+            && let Some(last) = names.last_mut()
+            && qosroute_core::is_planner(last)
+        {
+            let sep = if last.contains(':') { ',' } else { ':' };
+            last.push(sep);
+            last.push_str(name);
         } else {
             names.push(name.to_owned());
         }
@@ -365,7 +376,23 @@ mod tests {
 
     #[test]
     fn policy_and_sweep_arguments_are_checked() {
-        assert_eq!(parse_policies("all").unwrap().len(), 7);
+        let all = parse_policies("all").unwrap();
+        assert_eq!(all.len(), 8);
+        assert_eq!(all.last().map(String::as_str), Some("qos-planner"));
+        assert_eq!(
+            parse_policies("qos-greedy,qos-planner:k=4,h=0,z=2,p2c").unwrap(),
+            vec!["qos-greedy", "qos-planner:k=4,h=0,z=2", "p2c"]
+        );
+        assert_eq!(
+            parse_policies("qos-planner,k=8").unwrap(),
+            vec!["qos-planner:k=8"]
+        );
+        assert!(
+            parse_policies("qos-planner:k=0")
+                .unwrap_err()
+                .to_string()
+                .contains("k (futures) must be at least 1")
+        );
         assert_eq!(
             parse_policies("p2c, qos-greedy").unwrap(),
             vec!["p2c", "qos-greedy"]

@@ -70,6 +70,7 @@ impl RealSite {
                     // Measured when the server starts (`RealServers::start`).
                     latency: LatencyModel {
                         prefill_tok_s: 1.0,
+                        prefill_overhead_s: 0.0,
                         decode_t0_s: 1.0,
                         decode_d_s_per_seq: 0.0,
                         decode_e_s_per_ctx_token: 0.0,
@@ -174,6 +175,7 @@ async fn measure(name: &str, base_url: &str) -> anyhow::Result<LatencyModel> {
     let (ttft, step) = one_request(&client, "measure").await?;
     Ok(LatencyModel {
         prefill_tok_s: f64::from(PROBE_PROMPT) / ttft.max(1e-3),
+        prefill_overhead_s: 0.0,
         decode_t0_s: step.max(1e-4),
         decode_d_s_per_seq: 0.0,
         decode_e_s_per_ctx_token: 0.0,

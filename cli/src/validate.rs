@@ -833,14 +833,19 @@ impl Policy for ReplayRouting {
         "replayed-routing"
     }
 
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        observed: &qosroute_core::Observed<'_>,
+    ) -> Decision {
         let id = arriving.request.id as usize;
         match self.routes.get(id).copied() {
             Some(Replayed::Route(e)) if state.is_eligible(e, arriving.request.prompt_tokens) => {
                 Decision::Route(e)
             }
             Some(Replayed::Reject) => Decision::Reject,
-            _ => self.fallback.decide(state, arriving),
+            _ => self.fallback.decide(state, arriving, observed),
         }
     }
 }
@@ -862,8 +867,8 @@ fn simulate(
     policy: &mut dyn Policy,
 ) -> anyhow::Result<Vec<Simulated>> {
     let mut sim = Simulation::new(catalogue, quality, workload, seed)?;
-    while let Some((state, arriving)) = sim.next_decision()? {
-        let decision = policy.decide(state, arriving);
+    while let Some((state, arriving, observed)) = sim.next_decision()? {
+        let decision = policy.decide(state, arriving, &observed);
         sim.apply(decision)?;
     }
     sim.drain()?;

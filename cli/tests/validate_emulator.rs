@@ -30,6 +30,7 @@ fn known(name: &str, slots: u32, t0: f64) -> ExpertProfile {
         kv_tokens: 100_000,
         latency: LatencyModel {
             prefill_tok_s: 2_000.0,
+            prefill_overhead_s: 0.0,
             decode_t0_s: t0,
             decode_d_s_per_seq: 0.002,
             decode_e_s_per_ctx_token: 1e-6,

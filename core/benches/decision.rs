@@ -9,7 +9,7 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use qosroute_core::{
     ArrivingRequest, ClusterState, EncodedState, ExpertProfile, ExpertState, InFlight,
-    LatencyModel, OnnxPolicy, Policy, Prediction, Request, Task, encode_state,
+    LatencyModel, Observed, OnnxPolicy, Policy, Prediction, Request, Task, encode_state,
 };
 
 fn state(experts: usize, in_flight: usize) -> (ClusterState, ArrivingRequest) {
@@ -27,6 +27,7 @@ fn state(experts: usize, in_flight: usize) -> (ClusterState, ArrivingRequest) {
             kv_tokens: 100_000,
             latency: LatencyModel {
                 prefill_tok_s: 2000.0 + 500.0 * e as f64,
+                prefill_overhead_s: 0.0,
                 decode_t0_s: 0.01 + 0.002 * e as f64,
                 decode_d_s_per_seq: 0.0005,
                 decode_e_s_per_ctx_token: 2e-7,
@@ -43,6 +44,8 @@ fn state(experts: usize, in_flight: usize) -> (ClusterState, ArrivingRequest) {
             predicted_output_tokens: 200.0,
             generated_tokens: (i as u32 * 13) % 180,
             elapsed_s: 1.0 + (i % 7) as f64,
+            slot_elapsed_s: 0.0,
+            max_output_tokens: None,
             predicted_quality: 0.5,
             slo_s_per_token: 0.1,
         };
@@ -60,12 +63,10 @@ fn state(experts: usize, in_flight: usize) -> (ClusterState, ArrivingRequest) {
             task: Task::Mmlu,
             prompt_tokens: 300,
             slo_s_per_token: 0.05,
+            max_output_tokens: None,
         },
         predictions: (0..experts)
-            .map(|e| Prediction {
-                output_tokens: 180.0,
-                quality: 0.3 + 0.05 * e as f64,
-            })
+            .map(|e| Prediction::point(180.0, 0.3 + 0.05 * e as f64))
             .collect(),
     };
     (cluster, arriving)
@@ -84,7 +85,7 @@ fn decision(c: &mut Criterion) {
         for experts in [3usize, 8, 16] {
             for in_flight in [10usize, 100, 400] {
                 let (s, a) = state(experts, in_flight);
-                policy.decide(&s, &a);
+                policy.decide(&s, &a, &Observed::nothing());
                 assert_eq!(
                     policy.fallbacks(),
                     0,
@@ -93,7 +94,7 @@ fn decision(c: &mut Criterion) {
                 group.bench_with_input(
                     BenchmarkId::new(format!("E{experts}"), in_flight),
                     &(s, a),
-                    |b, (s, a)| b.iter(|| policy.decide(s, a)),
+                    |b, (s, a)| b.iter(|| policy.decide(s, a, &Observed::nothing())),
                 );
             }
         }

@@ -3,9 +3,11 @@
 //! Every baseline only considers eligible experts (up, prompt fits) and breaks ties by the
 //! lowest expert index, so runs are deterministic for a seed.
 
-use crate::impact::{Candidate, impact_of, predicted_own_latency};
+use crate::impact::{Candidate, ImpactScratch, impact_of_with};
+use crate::knowledge::Observed;
+use crate::planner::{InvalidPlannerSpec, PLANNER_NAME, QosPlanner};
 use crate::policy::{Decision, Policy};
-use crate::request::ArrivingRequest;
+use crate::request::{ArrivingRequest, Prediction};
 use crate::rng::SimRng;
 use crate::state::ClusterState;
 
@@ -20,24 +22,39 @@ pub const BASELINE_NAMES: [&str; 7] = [
     "qos-greedy",
 ];
 
-/// A policy name nobody knows.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown policy `{0}` (known: random, round-robin, least-loaded, p2c, quality-greedy, latency-greedy, qos-greedy)"
-)]
-pub struct UnknownPolicy(pub String);
+/// A policy specification nobody can build.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UnknownPolicy {
+    /// No policy has this name.
+    #[error(
+        "unknown policy `{0}` (known: random, round-robin, least-loaded, p2c, quality-greedy, latency-greedy, qos-greedy, qos-planner[:k=16,h=20,window=256,z=1,budget_ms=0,min_futures=4])"
+    )]
+    Name(String),
+    /// `qos-planner` with parameters that cannot be used.
+    #[error(transparent)]
+    Planner(#[from] InvalidPlannerSpec),
+}
 
-/// The baseline called `name`; randomised ones draw from a stream seeded by `seed`.
+/// Whether `spec` names the planner (`qos-planner` or `qos-planner:...`).
+pub fn is_planner(spec: &str) -> bool {
+    spec == PLANNER_NAME || spec.starts_with("qos-planner:")
+}
+
+/// The hand-made policy `name` (a baseline, or `qos-planner` with its parameters);
+/// randomised ones draw from a stream seeded by `seed`.
 pub fn baseline(name: &str, seed: u64) -> Result<Box<dyn Policy + Send>, UnknownPolicy> {
+    if is_planner(name) {
+        return Ok(Box::new(QosPlanner::from_spec(name, seed)?));
+    }
     Ok(match name {
         "random" => Box::new(RandomPolicy::new(seed)),
         "round-robin" => Box::new(RoundRobin::default()),
         "least-loaded" => Box::new(LeastLoaded),
         "p2c" => Box::new(PowerOfTwoChoices::new(seed)),
         "quality-greedy" => Box::new(QualityGreedy),
-        "latency-greedy" => Box::new(LatencyGreedy),
-        "qos-greedy" => Box::new(QosGreedy),
-        other => return Err(UnknownPolicy(other.to_owned())),
+        "latency-greedy" => Box::new(LatencyGreedy::default()),
+        "qos-greedy" => Box::new(QosGreedy::default()),
+        other => return Err(UnknownPolicy::Name(other.to_owned())),
     })
 }
 
@@ -46,10 +63,7 @@ fn candidate(arriving: &ArrivingRequest, e: usize) -> Candidate {
         .predictions
         .get(e)
         .copied()
-        .unwrap_or(crate::Prediction {
-            output_tokens: 1.0,
-            quality: 0.0,
-        });
+        .unwrap_or(Prediction::point(1.0, 0.0));
     Candidate {
         prompt_tokens: arriving.request.prompt_tokens,
         predicted_output_tokens: p.output_tokens,
@@ -99,7 +113,12 @@ impl Policy for RandomPolicy {
     fn name(&self) -> &str {
         "random"
     }
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        _observed: &Observed<'_>,
+    ) -> Decision {
         self.scratch.clear();
         self.scratch
             .extend(state.eligible(arriving.request.prompt_tokens));
@@ -120,7 +139,12 @@ impl Policy for RoundRobin {
     fn name(&self) -> &str {
         "round-robin"
     }
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        _observed: &Observed<'_>,
+    ) -> Decision {
         let n = state.experts.len();
         for k in 0..n {
             let e = (self.next + k) % n;
@@ -141,7 +165,12 @@ impl Policy for LeastLoaded {
     fn name(&self) -> &str {
         "least-loaded"
     }
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        _observed: &Observed<'_>,
+    ) -> Decision {
         route(best_by(state, arriving, |e| {
             -(state.experts[e].in_flight() as f64)
         }))
@@ -170,7 +199,12 @@ impl Policy for PowerOfTwoChoices {
     fn name(&self) -> &str {
         "p2c"
     }
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        _observed: &Observed<'_>,
+    ) -> Decision {
         self.scratch.clear();
         self.scratch
             .extend(state.eligible(arriving.request.prompt_tokens));
@@ -202,7 +236,12 @@ impl Policy for QualityGreedy {
     fn name(&self) -> &str {
         "quality-greedy"
     }
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        _observed: &Observed<'_>,
+    ) -> Decision {
         route(best_by(state, arriving, |e| {
             candidate(arriving, e).predicted_quality
         }))
@@ -210,37 +249,80 @@ impl Policy for QualityGreedy {
 }
 
 /// `latency-greedy`: the lowest predicted per-token latency for the request itself.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LatencyGreedy;
+#[derive(Debug, Clone, Default)]
+pub struct LatencyGreedy {
+    scratch: ImpactScratch,
+}
 
 impl Policy for LatencyGreedy {
     fn name(&self) -> &str {
         "latency-greedy"
     }
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        _observed: &Observed<'_>,
+    ) -> Decision {
+        let scratch = &mut self.scratch;
         route(best_by(state, arriving, |e| {
-            -predicted_own_latency(&state.experts[e], &candidate(arriving, e)).per_token_s
+            -impact_of_with(&state.experts[e], &candidate(arriving, e), scratch)
+                .own
+                .per_token_s
         }))
     }
 }
 
 /// `qos-greedy`: maximise predicted own QoS minus predicted QoS destroyed (the action impact
 /// estimator); reject when no expert scores above zero.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QosGreedy;
+#[derive(Debug, Clone, Default)]
+pub struct QosGreedy {
+    scratch: ImpactScratch,
+}
+
+impl QosGreedy {
+    /// The one-step score of routing `arriving` to expert `e`: predicted own QoS minus
+    /// predicted QoS destroyed.
+    pub fn score(&mut self, state: &ClusterState, arriving: &ArrivingRequest, e: usize) -> f64 {
+        let impact = impact_of_with(
+            &state.experts[e],
+            &candidate(arriving, e),
+            &mut self.scratch,
+        );
+        impact.own_predicted_qos - impact.predicted_qos_destroyed
+    }
+
+    /// The decision and the best score (`None` when no expert is eligible).
+    pub fn choose(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+    ) -> (Decision, Option<f64>) {
+        let mut best: Option<(usize, f64)> = None;
+        for e in state.eligible(arriving.request.prompt_tokens) {
+            let s = self.score(state, arriving, e);
+            if best.is_none_or(|(_, b)| s > b) {
+                best = Some((e, s));
+            }
+        }
+        match best {
+            Some((e, score)) if score > 0.0 => (Decision::Route(e), Some(score)),
+            other => (Decision::Reject, other.map(|(_, s)| s)),
+        }
+    }
+}
 
 impl Policy for QosGreedy {
     fn name(&self) -> &str {
         "qos-greedy"
     }
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
-        match best_by(state, arriving, |e| {
-            let impact = impact_of(&state.experts[e], &candidate(arriving, e));
-            impact.own_predicted_qos - impact.predicted_qos_destroyed
-        }) {
-            Some((e, score)) if score > 0.0 => Decision::Route(e),
-            _ => Decision::Reject,
-        }
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        _observed: &Observed<'_>,
+    ) -> Decision {
+        self.choose(state, arriving).0
     }
 }
 
@@ -264,6 +346,7 @@ mod tests {
             kv_tokens: kv,
             latency: LatencyModel {
                 prefill_tok_s: 1000.0,
+                prefill_overhead_s: 0.0,
                 decode_t0_s: t0,
                 decode_d_s_per_seq: 0.001,
                 decode_e_s_per_ctx_token: 1e-7,
@@ -280,6 +363,8 @@ mod tests {
                 predicted_output_tokens: 100.0,
                 generated_tokens: 10,
                 elapsed_s: 0.5,
+                slot_elapsed_s: 0.0,
+                max_output_tokens: None,
                 predicted_quality: 0.5,
                 slo_s_per_token: 0.1,
             })
@@ -305,24 +390,13 @@ mod tests {
                 task: Task::Chat,
                 prompt_tokens: 200,
                 slo_s_per_token: 0.05,
+                max_output_tokens: None,
             },
             predictions: vec![
-                Prediction {
-                    output_tokens: 100.0,
-                    quality: 0.3,
-                },
-                Prediction {
-                    output_tokens: 100.0,
-                    quality: 0.9,
-                },
-                Prediction {
-                    output_tokens: 100.0,
-                    quality: 0.6,
-                },
-                Prediction {
-                    output_tokens: 100.0,
-                    quality: 1.0,
-                },
+                Prediction::point(100.0, 0.3),
+                Prediction::point(100.0, 0.9),
+                Prediction::point(100.0, 0.6),
+                Prediction::point(100.0, 1.0),
             ],
         };
         (
@@ -336,7 +410,9 @@ mod tests {
 
     fn decide(name: &str, seed: u64) -> Decision {
         let (s, a) = cluster();
-        baseline(name, seed).unwrap().decide(&s, &a)
+        baseline(name, seed)
+            .unwrap()
+            .decide(&s, &a, &Observed::nothing())
     }
 
     #[test]
@@ -357,7 +433,9 @@ mod tests {
     fn round_robin_cycles_over_eligible_experts() {
         let (s, a) = cluster();
         let mut p = baseline("round-robin", 0).unwrap();
-        let picks: Vec<_> = (0..4).map(|_| p.decide(&s, &a)).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|_| p.decide(&s, &a, &Observed::nothing()))
+            .collect();
         use Decision::Route;
         assert_eq!(picks, vec![Route(0), Route(1), Route(2), Route(0)]);
     }
@@ -370,7 +448,7 @@ mod tests {
             let mut p = baseline(name, 5).unwrap();
             let mut seen = [0u32; 4];
             for _ in 0..200 {
-                match p.decide(&s, &a) {
+                match p.decide(&s, &a, &Observed::nothing()) {
                     Decision::Route(e) => seen[e] += 1,
                     Decision::Reject => panic!("{name} rejected with eligible experts"),
                 }
@@ -382,13 +460,15 @@ mod tests {
         }
         // p2c between experts 0 (3 in flight) and 1 (idle) must always pick 1.
         let mut p = baseline("p2c", 5).unwrap();
-        assert!((0..50).all(|_| p.decide(&s, &a) == Decision::Route(1)));
+        assert!((0..50).all(|_| p.decide(&s, &a, &Observed::nothing()) == Decision::Route(1)));
         for e in &mut s.experts {
             e.up = false;
         }
         for name in BASELINE_NAMES {
             assert_eq!(
-                baseline(name, 1).unwrap().decide(&s, &a),
+                baseline(name, 1)
+                    .unwrap()
+                    .decide(&s, &a, &Observed::nothing()),
                 Decision::Reject,
                 "{name}"
             );
@@ -400,7 +480,9 @@ mod tests {
         let (s, mut a) = cluster();
         a.request.slo_s_per_token = 1e-4; // unreachable everywhere
         assert_eq!(
-            baseline("qos-greedy", 0).unwrap().decide(&s, &a),
+            baseline("qos-greedy", 0)
+                .unwrap()
+                .decide(&s, &a, &Observed::nothing()),
             Decision::Reject
         );
         assert!(baseline("nope", 0).is_err());

@@ -20,9 +20,8 @@
 //! the arriving request's SLO (`x / slo`, clipped to [0, 10]), fractions as they are. Every
 //! feature is finite and within [-10, 10].
 
-use crate::impact::{
-    Candidate, impact_of, latency_increase_s_per_token, predicted_per_token_latency_s,
-};
+use crate::forecast::remaining_prefill_s;
+use crate::impact::{Candidate, ImpactScratch, impact_of_with};
 use crate::request::ArrivingRequest;
 use crate::state::{ClusterState, InFlight};
 use crate::task::Task;
@@ -33,14 +32,14 @@ pub const MAX_RUNNING_PER_EXPERT: usize = 64;
 pub const MAX_WAITING_PER_EXPERT: usize = 64;
 
 /// Features of the arriving-request node.
-pub const REQUEST_FEATURES: usize = Task::COUNT + 3;
+pub const REQUEST_FEATURES: usize = Task::COUNT + 5;
 /// Features of an expert node (static profile, load, candidate action).
-pub const EXPERT_FEATURES: usize = 24;
+pub const EXPERT_FEATURES: usize = 29;
 /// Features of a running or waiting request node.
-pub const IN_FLIGHT_FEATURES: usize = 11;
+pub const IN_FLIGHT_FEATURES: usize = 12;
 
 /// The encoded state, as flat row-major `f32` tensors.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct EncodedState {
     /// Expert nodes `E` (also the number of route actions).
     pub experts: usize,
@@ -62,6 +61,24 @@ pub struct EncodedState {
     pub waiting_adj: Vec<f32>,
     /// `[E + 1]`: 1 where the action is allowed; the last entry is *reject* (always allowed).
     pub action_mask: Vec<f32>,
+    /// The impact estimator's buffers, reused between encodings.
+    pub scratch: ImpactScratch,
+}
+
+impl PartialEq for EncodedState {
+    /// Equal tensors (the estimator's scratch buffers are not part of the encoding).
+    fn eq(&self, other: &Self) -> bool {
+        self.experts == other.experts
+            && self.running == other.running
+            && self.waiting == other.waiting
+            && self.request == other.request
+            && self.expert == other.expert
+            && self.running_nodes == other.running_nodes
+            && self.waiting_nodes == other.waiting_nodes
+            && self.running_adj == other.running_adj
+            && self.waiting_adj == other.waiting_adj
+            && self.action_mask == other.action_mask
+    }
 }
 
 fn tokens(n: f64) -> f32 {
@@ -94,22 +111,25 @@ pub fn encode_state(state: &ClusterState, arriving: &ArrivingRequest, out: &mut 
     let request = &arriving.request;
     let slo = request.slo_s_per_token.max(1e-6);
     let e_count = state.experts.len();
-    let mean_output = if arriving.predictions.is_empty() {
-        1.0
-    } else {
-        arriving
-            .predictions
-            .iter()
-            .map(|p| p.output_tokens)
-            .sum::<f64>()
-            / arriving.predictions.len() as f64
+    let n_predictions = arriving.predictions.len().max(1) as f64;
+    let mean_of = |f: &dyn Fn(&crate::Prediction) -> f64| {
+        if arriving.predictions.is_empty() {
+            1.0
+        } else {
+            arriving.predictions.iter().map(f).sum::<f64>() / n_predictions
+        }
     };
+    let mean_output = mean_of(&|p| p.output_tokens);
+    let mean_p10 = mean_of(&|p| p.output_quantiles[0]);
+    let mean_p90 = mean_of(&|p| p.output_quantiles[2]);
 
     out.request.clear();
     out.request
         .extend(Task::ALL.iter().map(|t| flag(*t == request.task)));
     out.request.push(tokens(f64::from(request.prompt_tokens)));
     out.request.push(tokens(mean_output));
+    out.request.push(tokens(mean_p10));
+    out.request.push(tokens(mean_p90));
     out.request.push(clip(slo / 0.1));
 
     let running_nodes: Vec<usize> = state
@@ -144,19 +164,17 @@ pub fn encode_state(state: &ClusterState, arriving: &ArrivingRequest, out: &mut 
             .predictions
             .get(e)
             .copied()
-            .unwrap_or(crate::Prediction {
-                output_tokens: mean_output,
-                quality: 0.0,
-            });
+            .unwrap_or(crate::Prediction::point(mean_output, 0.0));
+        let [p10, p50, p90] = prediction.output_quantiles;
         let candidate = Candidate {
             prompt_tokens: request.prompt_tokens,
             predicted_output_tokens: prediction.output_tokens,
             predicted_quality: prediction.quality,
             slo_s_per_token: request.slo_s_per_token,
         };
-        let impact = impact_of(expert, &candidate);
+        let impact = impact_of_with(expert, &candidate, &mut out.scratch);
         let eligible = state.is_eligible(e, request.prompt_tokens);
-        let step = expert.decode_step_now_s();
+        let step = out.scratch.forecast.step_s;
         let d = prediction.output_tokens.max(1.0);
         out.expert.extend_from_slice(&[
             // Static profile.
@@ -174,11 +192,16 @@ pub fn encode_state(state: &ClusterState, arriving: &ArrivingRequest, out: &mut 
             clip(expert.kv_usage()),
             clip(expert.utilisation),
             rel(step, slo),
+            rel(out.scratch.forecast.running_prefill_s / d, slo),
             // Candidate action: the impact estimator.
             clip(prediction.quality),
+            tokens(p10),
+            tokens(p50),
+            tokens(p90),
             rel(impact.own.per_token_s, slo),
             rel(impact.own.wait_s / d, slo),
             rel(impact.own.prefill_s / d, slo),
+            rel(impact.own.queued_prefill_s / d, slo),
             flag(impact.own_meets_slo),
             clip(impact.own_predicted_qos),
             clip(impact.predicted_qos_destroyed),
@@ -189,26 +212,16 @@ pub fn encode_state(state: &ClusterState, arriving: &ArrivingRequest, out: &mut 
         ]);
         out.action_mask.push(flag(eligible));
 
-        let p = f64::from(request.prompt_tokens);
-        let node = |r: &InFlight, running: bool| -> [f32; IN_FLIGHT_FEATURES] {
+        let node = |r: &InFlight, running: bool, before: f64, increase: f64| {
             let own_slo = r.slo_s_per_token.max(1e-6);
             let total = r.expected_output_tokens();
-            let before = if running {
-                predicted_per_token_latency_s(r, step)
-            } else {
-                r.per_token_latency_s()
-            };
-            let increase = if running {
-                latency_increase_s_per_token(latency, p, d, total, f64::from(r.generated_tokens))
-            } else {
-                0.0
-            };
             [
                 tokens(f64::from(r.prompt_tokens)),
                 tokens(total),
                 clip(f64::from(r.generated_tokens) / total),
                 rel(r.elapsed_s / total, own_slo),
                 rel(r.per_token_latency_s(), own_slo),
+                rel(remaining_prefill_s(latency, r, running) / total, own_slo),
                 rel(before, own_slo),
                 rel(increase, own_slo),
                 flag(before < own_slo && before + increase >= own_slo),
@@ -217,13 +230,18 @@ pub fn encode_state(state: &ClusterState, arriving: &ArrivingRequest, out: &mut 
                 flag(running),
             ]
         };
-        for r in expert.running.iter().take(running_nodes[e]) {
-            out.running_nodes.extend_from_slice(&node(r, true));
+        let scratch = &out.scratch;
+        for (i, r) in expert.running.iter().take(running_nodes[e]).enumerate() {
+            let (before, increase) = (scratch.running_before[i], scratch.running_increase[i]);
+            out.running_nodes
+                .extend_from_slice(&node(r, true, before, increase));
             out.running_adj[e * r_total + r_at] = 1.0;
             r_at += 1;
         }
-        for w in expert.waiting.iter().take(waiting_nodes[e]) {
-            out.waiting_nodes.extend_from_slice(&node(w, false));
+        for (j, w) in expert.waiting.iter().take(waiting_nodes[e]).enumerate() {
+            let (before, increase) = (scratch.waiting_before[j], scratch.waiting_increase[j]);
+            out.waiting_nodes
+                .extend_from_slice(&node(w, false, before, increase));
             out.waiting_adj[e * w_total + w_at] = 1.0;
             w_at += 1;
         }
@@ -253,6 +271,7 @@ mod tests {
             kv_tokens: 10_000,
             latency: LatencyModel {
                 prefill_tok_s: 2000.0,
+                prefill_overhead_s: 0.0,
                 decode_t0_s: 0.02,
                 decode_d_s_per_seq: 0.001,
                 decode_e_s_per_ctx_token: 1e-6,
@@ -268,6 +287,8 @@ mod tests {
             predicted_output_tokens: 200.0,
             generated_tokens: generated,
             elapsed_s: 1.0,
+            slot_elapsed_s: 0.0,
+            max_output_tokens: None,
             predicted_quality: 0.6,
             slo_s_per_token: 0.05,
         }
@@ -281,10 +302,12 @@ mod tests {
                 task: Task::Gsm8k,
                 prompt_tokens: 300,
                 slo_s_per_token: 0.1,
+                max_output_tokens: None,
             },
             predictions: (0..experts)
                 .map(|e| Prediction {
                     output_tokens: 150.0,
+                    output_quantiles: [50.0, 120.0, 400.0],
                     quality: 0.1 * e as f64,
                 })
                 .collect(),
@@ -331,8 +354,18 @@ mod tests {
         // Task one-hot of the arriving request.
         assert_eq!(s.request[Task::Gsm8k.index()], 1.0);
         assert_eq!(s.request.iter().take(Task::COUNT).sum::<f32>(), 1.0);
-        // Predicted quality is expert feature 13.
-        assert!((s.expert[EXPERT_FEATURES + 13] - 0.1).abs() < 1e-6);
+        // Predicted quality is expert feature 14, the length quantiles follow it.
+        assert!((s.expert[EXPERT_FEATURES + 14] - 0.1).abs() < 1e-6);
+        let ln = |x: f64| (x.ln_1p() / 8.0) as f32;
+        assert_eq!(
+            s.expert[EXPERT_FEATURES + 15..EXPERT_FEATURES + 18],
+            [ln(50.0), ln(120.0), ln(400.0)]
+        );
+        // The request node carries the mean p10 and p90 over experts.
+        assert_eq!(
+            s.request[Task::COUNT + 2..Task::COUNT + 4],
+            [ln(50.0), ln(400.0)]
+        );
     }
 
     #[test]

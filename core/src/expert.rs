@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 
 /// The latency model of one expert (DESIGN §1, hardware ANALYSIS §9).
 ///
-/// - prefill of a `p`-token prompt takes `p / prefill_tok_s` seconds;
+/// - prefill of a `p`-token prompt takes `prefill_overhead_s + p / prefill_tok_s` seconds (one
+///   engine iteration: prompts prefilled together pay the fixed part once);
 /// - one decode step over `b` concurrent sequences holding `C` context tokens in total takes
 ///   `decode_t0_s + decode_d_s_per_seq * (b - 1) + decode_e_s_per_ctx_token * C` seconds.
 ///
@@ -15,6 +16,11 @@ use serde::{Deserialize, Serialize};
 pub struct LatencyModel {
     /// Prompt tokens processed per second.
     pub prefill_tok_s: f64,
+    /// Fixed part of one prefill iteration, seconds (scheduling, sampling the first token,
+    /// the chat template's work). 0 unless measured: catalogues built from published
+    /// throughput figures have no source for it.
+    #[serde(default)]
+    pub prefill_overhead_s: f64,
     /// Decode step time of one sequence with an empty context, seconds.
     pub decode_t0_s: f64,
     /// Added step time per extra concurrent sequence, seconds.
@@ -28,14 +34,22 @@ impl LatencyModel {
     pub fn paper(k1: f64, k2: f64, t0: f64) -> Self {
         Self {
             prefill_tok_s: 1.0 / k1,
+            prefill_overhead_s: 0.0,
             decode_t0_s: t0,
             decode_d_s_per_seq: 0.0,
             decode_e_s_per_ctx_token: k2,
         }
     }
 
-    /// Seconds to prefill `prompt_tokens`.
+    /// Seconds of one prefill iteration over `prompt_tokens` (all prompts admitted together):
+    /// `prefill_overhead_s + prompt_tokens / prefill_tok_s`.
     pub fn prefill_s(&self, prompt_tokens: f64) -> f64 {
+        self.prefill_overhead_s + self.prefill_tokens_s(prompt_tokens)
+    }
+
+    /// The per-token part of a prefill: `prompt_tokens / prefill_tok_s` (what a prompt adds to
+    /// an iteration that pays the fixed part anyway).
+    pub fn prefill_tokens_s(&self, prompt_tokens: f64) -> f64 {
         prompt_tokens / self.prefill_tok_s
     }
 
@@ -111,6 +125,7 @@ impl ExpertProfile {
             }
         }
         let non_negative = [
+            ("latency.prefill_overhead_s", l.prefill_overhead_s),
             ("latency.decode_d_s_per_seq", l.decode_d_s_per_seq),
             (
                 "latency.decode_e_s_per_ctx_token",
@@ -155,6 +170,7 @@ mod tests {
             kv_tokens: 1000,
             latency: LatencyModel {
                 prefill_tok_s: 1000.0,
+                prefill_overhead_s: 0.0,
                 decode_t0_s: 0.02,
                 decode_d_s_per_seq: 0.001,
                 decode_e_s_per_ctx_token: 1e-6,

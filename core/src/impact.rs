@@ -1,16 +1,25 @@
 //! The action impact estimator (DESIGN §1): what putting a new request on an expert does to
-//! the new request itself and to every request already running there.
+//! the new request itself and to every request already there.
 //!
 //! The paper's increase of running request j's per-token latency when a request with prompt
 //! `p` and output `d` joins is `dl_j = (k1*p + k2*sum_{k=1}^{m_j-1}(p+k)) / D_j` with
 //! `m_j = min(D_j - d_j, d)`. Generalised to the step model of [`LatencyModel`]: the new
-//! prompt's prefill stalls j once (`p / prefill_tok_s`), then each of the `m_j - 1` decode
-//! steps they share grows by `d_s_per_seq + e_s_per_ctx_token * (p + k)`. With
-//! `d_s_per_seq = 0` and `e_s_per_ctx_token = k2` this is exactly the paper's formula.
+//! prompt's prefill stalls j once (`prefill_overhead_s + p / prefill_tok_s`), then each of the
+//! `m_j - 1` decode steps they share grows by `d_s_per_seq + e_s_per_ctx_token * (p + k)`.
+//! With `d_s_per_seq = 0`, `e_s_per_ctx_token = k2` and no prefill overhead this is exactly
+//! the paper's formula.
+//!
+//! What each request would see without the action, and when the new request would start,
+//! come from the expert's [`Forecast`]: the prefill still ahead of requests that have no
+//! token yet, the queue admitted first come first served with each admission's prefill
+//! stalling the batch. The requests affected are those still on the expert when the new one
+//! is admitted, waiting ones included (they run beside it once admitted ahead of it).
 //!
 //! All lengths here are *predicted* (the router never knows true output lengths).
 
 use crate::expert::LatencyModel;
+use crate::forecast::Forecast;
+pub use crate::forecast::{remaining_prefill_s, remaining_steps};
 use crate::state::{ExpertState, InFlight};
 
 /// A candidate action: put a new request with these predictions on one expert.
@@ -29,13 +38,17 @@ pub struct Candidate {
 /// Predicted latency of the new request on the expert, split by phase.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct OwnLatency {
-    /// Queueing until the engine admits it.
+    /// Queueing until the engine admits it (the prefill in progress, and the requests ahead
+    /// of it that must finish to free a slot or KV room).
     pub wait_s: f64,
     /// Its prefill.
     pub prefill_s: f64,
+    /// Prefill of requests queued ahead of it that the engine admits with it: one iteration
+    /// prefills them together, so its first token waits for them.
+    pub queued_prefill_s: f64,
     /// Its decode steps.
     pub decode_s: f64,
-    /// `(wait + prefill + decode) / output tokens`.
+    /// `(wait + prefill + queued prefill + decode) / output tokens`.
     pub per_token_s: f64,
 }
 
@@ -48,13 +61,13 @@ pub struct ActionImpact {
     pub own_meets_slo: bool,
     /// Predicted QoS of the new request: its predicted quality if it meets the SLO, else 0.
     pub own_predicted_qos: f64,
-    /// Predicted quality of the running requests this action pushes over their SLO.
+    /// Predicted quality of the requests on the expert this action pushes over their SLO.
     pub predicted_qos_destroyed: f64,
-    /// How many running requests it pushes over their SLO.
+    /// How many requests it pushes over their SLO.
     pub pushed_over_slo: u32,
-    /// Largest predicted per-token latency increase among running requests, seconds.
+    /// Largest predicted per-token latency increase among the requests there, seconds.
     pub max_increase_s_per_token: f64,
-    /// Sum of the predicted per-token latency increases of running requests, seconds.
+    /// Sum of the predicted per-token latency increases of the requests there, seconds.
     pub sum_increase_s_per_token: f64,
 }
 
@@ -82,75 +95,94 @@ pub fn latency_increase_s_per_token(
     added_s / running_output_tokens.max(1.0)
 }
 
-/// Predicted final per-token latency of a running request if nothing else joins: it keeps
-/// decoding at the current step time until its predicted output is reached.
-pub fn predicted_per_token_latency_s(request: &InFlight, step_s: f64) -> f64 {
+/// Predicted final per-token latency of a running request if nothing else joins and nothing
+/// queued is admitted: the time so far, the prefill still ahead of it, and its remaining
+/// decode steps at the current step time, over its predicted output.
+pub fn predicted_per_token_latency_s(
+    request: &InFlight,
+    latency: &LatencyModel,
+    step_s: f64,
+) -> f64 {
     let total = request.expected_output_tokens();
-    let remaining = total - f64::from(request.generated_tokens);
-    (request.elapsed_s + remaining * step_s) / total
+    (request.elapsed_s
+        + remaining_prefill_s(latency, request, true)
+        + remaining_steps(request) * step_s)
+        / total
 }
 
-/// Predicted queueing time of a new request at `expert` before the engine admits it.
-///
-/// Zero when it can start at once. Otherwise the requests already waiting go first: the new
-/// one starts when the `(waiting + 1)`-th running request finishes, or, with more waiting
-/// than running, after as many further rounds of typical service as the queue needs.
+/// Predicted queueing time of a new request at `expert` before the engine admits it (see
+/// [`Forecast`]).
 pub fn predicted_wait_s(expert: &ExpertState, prompt_tokens: u32, output_tokens: f64) -> f64 {
-    if expert.can_admit_now(prompt_tokens, output_tokens) || expert.running.is_empty() {
-        return 0.0;
-    }
-    let step = expert.decode_step_now_s();
-    let mut remaining: Vec<f64> = expert
-        .running
-        .iter()
-        .map(|r| (r.expected_output_tokens() - f64::from(r.generated_tokens)) * step)
-        .collect();
-    remaining.sort_by(f64::total_cmp);
-    let ahead = expert.waiting.len();
-    if let Some(&w) = remaining.get(ahead) {
-        return w;
-    }
-    let last = remaining.last().copied().unwrap_or(0.0);
+    Forecast::of(expert, prompt_tokens, output_tokens).new_admit_s
+}
+
+fn own_latency(expert: &ExpertState, candidate: &Candidate, forecast: &Forecast) -> OwnLatency {
     let latency = &expert.profile.latency;
-    let service: f64 = expert
-        .waiting
-        .iter()
-        .map(|w| latency.prefill_s(f64::from(w.prompt_tokens)) + w.expected_output_tokens() * step)
-        .sum::<f64>()
-        / ahead.max(1) as f64;
-    let rounds =
-        ((ahead + 1 - remaining.len()) as f64 / f64::from(expert.profile.max_slots)).ceil();
-    last + rounds * service
+    let p = f64::from(candidate.prompt_tokens);
+    let d = candidate.predicted_output_tokens.max(1.0);
+    let wait_s = forecast.new_admit_s;
+    let prefill_s = latency.prefill_s(p);
+    let queued_prefill_s = forecast.new_batched_prefill_s;
+    // The batch's context now plus the new request's context half-way through its answer.
+    let context = expert.kv_used_tokens() as f64 + p + d / 2.0;
+    let decode_s = (d - 1.0) * latency.decode_step_s(forecast.new_batch as f64, context);
+    OwnLatency {
+        wait_s,
+        prefill_s,
+        queued_prefill_s,
+        decode_s,
+        per_token_s: (wait_s + prefill_s + queued_prefill_s + decode_s) / d,
+    }
 }
 
 /// Predicted latency of the new request itself on `expert`.
 pub fn predicted_own_latency(expert: &ExpertState, candidate: &Candidate) -> OwnLatency {
-    let latency = &expert.profile.latency;
-    let p = f64::from(candidate.prompt_tokens);
-    let d = candidate.predicted_output_tokens.max(1.0);
-    let wait_s = predicted_wait_s(expert, candidate.prompt_tokens, d);
-    let prefill_s = latency.prefill_s(p);
-    let batch = (expert.running.len() + 1).min(expert.profile.max_slots as usize) as f64;
-    // The batch's context now plus the new request's context half-way through its answer.
-    let context = expert.kv_used_tokens() as f64 + p + d / 2.0;
-    let decode_s = (d - 1.0) * latency.decode_step_s(batch, context);
-    OwnLatency {
-        wait_s,
-        prefill_s,
-        decode_s,
-        per_token_s: (wait_s + prefill_s + decode_s) / d,
-    }
+    let forecast = Forecast::of(
+        expert,
+        candidate.prompt_tokens,
+        candidate.predicted_output_tokens.max(1.0),
+    );
+    own_latency(expert, candidate, &forecast)
 }
 
 /// The action impact estimator: predicted own latency and QoS of the new request on
-/// `expert`, and the QoS it is predicted to destroy among the requests running there.
+/// `expert`, and the QoS it is predicted to destroy among the requests there.
 ///
-/// A running request counts as destroyed when its predicted per-token latency is under its
-/// SLO without the new request and at or over it with the new request. When the new request
-/// must queue first, running requests predicted to finish during the wait are unaffected and
-/// the others share fewer steps with it.
+/// A request counts as destroyed when its predicted per-token latency is under its SLO
+/// without the new request and at or over it with the new request. Requests predicted to
+/// finish before the new one is admitted are unaffected; the others share fewer steps with
+/// it the later it starts.
 pub fn impact_of(expert: &ExpertState, candidate: &Candidate) -> ActionImpact {
-    let own = predicted_own_latency(expert, candidate);
+    impact_of_with(expert, candidate, &mut ImpactScratch::default())
+}
+
+/// The estimator's per-request predictions, kept for whoever wants more than the totals (the
+/// state encoder), and its buffers, reused between calls.
+#[derive(Debug, Clone, Default)]
+pub struct ImpactScratch {
+    /// The expert's forecast.
+    pub forecast: Forecast,
+    /// Predicted per-token latency of each running request without the action.
+    pub running_before: Vec<f64>,
+    /// Its predicted increase with the action (0 if it finishes first).
+    pub running_increase: Vec<f64>,
+    /// Predicted per-token latency of each waiting request without the action.
+    pub waiting_before: Vec<f64>,
+    /// Its predicted increase with the action.
+    pub waiting_increase: Vec<f64>,
+}
+
+/// [`impact_of`], reusing `scratch`'s buffers and leaving the per-request predictions in it.
+pub fn impact_of_with(
+    expert: &ExpertState,
+    candidate: &Candidate,
+    scratch: &mut ImpactScratch,
+) -> ActionImpact {
+    let p = f64::from(candidate.prompt_tokens);
+    let d = candidate.predicted_output_tokens.max(1.0);
+    scratch.forecast.compute(expert, candidate.prompt_tokens, d);
+    let forecast = &scratch.forecast;
+    let own = own_latency(expert, candidate, forecast);
     let own_meets_slo = own.per_token_s < candidate.slo_s_per_token;
     let mut impact = ActionImpact {
         own,
@@ -163,24 +195,51 @@ pub fn impact_of(expert: &ExpertState, candidate: &Candidate) -> ActionImpact {
         ..ActionImpact::default()
     };
     let latency = &expert.profile.latency;
-    let step = expert.decode_step_now_s();
-    let steps_waited = if step > 0.0 { own.wait_s / step } else { 0.0 };
-    let p = f64::from(candidate.prompt_tokens);
-    let d = candidate.predicted_output_tokens.max(1.0);
-    for running in &expert.running {
-        let total = running.expected_output_tokens();
-        let generated_at_join = f64::from(running.generated_tokens) + steps_waited;
+    let step = forecast.step_s;
+    let join = forecast.new_admit_s;
+    let mut consider = |r: &InFlight, finish_s: f64, decoding_from_s: f64| -> (f64, f64) {
+        let total = r.expected_output_tokens();
+        let before = (r.elapsed_s + finish_s) / total;
+        if finish_s <= join {
+            return (before, 0.0);
+        }
+        let steps_by_join = if step > 0.0 {
+            ((join - decoding_from_s) / step).max(0.0)
+        } else {
+            0.0
+        };
+        let generated_at_join = f64::from(r.generated_tokens.max(1)) + steps_by_join;
         if generated_at_join >= total {
-            continue;
+            return (before, 0.0);
         }
         let increase = latency_increase_s_per_token(latency, p, d, total, generated_at_join);
-        let before = predicted_per_token_latency_s(running, step);
         impact.max_increase_s_per_token = impact.max_increase_s_per_token.max(increase);
         impact.sum_increase_s_per_token += increase;
-        if before < running.slo_s_per_token && before + increase >= running.slo_s_per_token {
-            impact.predicted_qos_destroyed += running.predicted_quality;
+        if before < r.slo_s_per_token && before + increase >= r.slo_s_per_token {
+            impact.predicted_qos_destroyed += r.predicted_quality;
             impact.pushed_over_slo += 1;
         }
+        (before, increase)
+    };
+    scratch.running_before.clear();
+    scratch.running_increase.clear();
+    for (r, &finish) in expert.running.iter().zip(&forecast.running_finish_s) {
+        let (before, increase) = consider(r, finish, forecast.running_prefill_s);
+        scratch.running_before.push(before);
+        scratch.running_increase.push(increase);
+    }
+    scratch.waiting_before.clear();
+    scratch.waiting_increase.clear();
+    for ((w, &finish), &admit) in expert
+        .waiting
+        .iter()
+        .zip(&forecast.waiting_finish_s)
+        .zip(&forecast.waiting_admit_s)
+    {
+        let prefill = latency.prefill_s(f64::from(w.prompt_tokens));
+        let (before, increase) = consider(w, finish, admit + prefill);
+        scratch.waiting_before.push(before);
+        scratch.waiting_increase.push(increase);
     }
     impact
 }
@@ -213,6 +272,8 @@ mod tests {
             predicted_output_tokens: predicted_output,
             generated_tokens: generated,
             elapsed_s: elapsed,
+            slot_elapsed_s: 0.0,
+            max_output_tokens: None,
             predicted_quality: 0.7,
             slo_s_per_token: slo,
         }
@@ -233,6 +294,7 @@ mod tests {
     fn increase_uses_the_shorter_overlap_and_the_per_sequence_term() {
         let l = LatencyModel {
             prefill_tok_s: 1000.0,
+            prefill_overhead_s: 0.0,
             decode_t0_s: 0.02,
             decode_d_s_per_seq: 0.001,
             decode_e_s_per_ctx_token: 1e-6,
@@ -284,7 +346,7 @@ mod tests {
         }); // already over
         let step = e.decode_step_now_s();
         assert!((step - 0.02365).abs() < 1e-12);
-        let before = predicted_per_token_latency_s(&e.running[0], step);
+        let before = predicted_per_token_latency_s(&e.running[0], &e.profile.latency, step);
         assert!((before - 0.023875).abs() < 1e-12);
         let c = Candidate {
             prompt_tokens: 100,
@@ -310,12 +372,16 @@ mod tests {
         let step = e.decode_step_now_s();
         let wait = predicted_wait_s(&e, 50, 20.0);
         assert!((wait - 10.0 * step).abs() < 1e-12);
-        // With one request already waiting the new one waits for the second finisher.
+        // With one request already waiting the new one waits for the second finisher, and
+        // the waiting request's prefill (100 tokens: 7.2 ms), admitted at the first finish,
+        // stalls the second one first.
         e.waiting.push(running(0, 100.0, 0.1, 0.1));
         let wait = predicted_wait_s(&e, 50, 20.0);
-        assert!((wait - 90.0 * step).abs() < 1e-12);
-        // The request that finishes during the wait is not slowed at all.
-        let impact = impact_of(
+        assert!((wait - (90.0 * step + 7.2e-3)).abs() < 1e-12, "{wait}");
+        // The request that finishes during the wait is not slowed at all; nor is the one
+        // that frees the slot; the waiting one, admitted ahead, runs beside the new one.
+        let mut scratch = ImpactScratch::default();
+        let impact = impact_of_with(
             &e,
             &Candidate {
                 prompt_tokens: 50,
@@ -323,7 +389,98 @@ mod tests {
                 predicted_quality: 0.5,
                 slo_s_per_token: 1.0,
             },
+            &mut scratch,
         );
-        assert_eq!(impact.sum_increase_s_per_token, 0.0);
+        assert_eq!(scratch.running_increase, vec![0.0, 0.0]);
+        assert!(scratch.waiting_increase[0] > 0.0);
+        assert_eq!(impact.sum_increase_s_per_token, scratch.waiting_increase[0]);
+    }
+
+    fn expert_10ms(slots: u32) -> ExpertState {
+        ExpertState::idle(Arc::new(ExpertProfile {
+            max_slots: slots,
+            latency: LatencyModel {
+                prefill_tok_s: 1000.0,
+                prefill_overhead_s: 0.0,
+                decode_t0_s: 0.01,
+                decode_d_s_per_seq: 0.0,
+                decode_e_s_per_ctx_token: 0.0,
+            },
+            ..paper_expert()
+        }))
+    }
+
+    #[test]
+    fn a_request_in_prefill_still_has_its_prefill_ahead() {
+        // 400-token prompt at 1,000 tokens/s: 0.4 s of prefill, 0.1 s done; 50 tokens
+        // predicted, so 49 steps of 10 ms after the prefill; 0.5 s since it arrived.
+        let e = expert_10ms(4);
+        let mut r = running(0, 50.0, 0.5, 0.1);
+        r.prompt_tokens = 400;
+        r.slot_elapsed_s = 0.1;
+        let l = e.profile.latency;
+        let before = predicted_per_token_latency_s(&r, &l, 0.01);
+        assert!(
+            (before - (0.5 + 0.3 + 0.49) / 50.0).abs() < 1e-12,
+            "{before}"
+        );
+        // A prefill overhead is part of what is ahead.
+        let mut with_overhead = l;
+        with_overhead.prefill_overhead_s = 0.05;
+        let before = predicted_per_token_latency_s(&r, &with_overhead, 0.01);
+        assert!(
+            (before - (0.5 + 0.35 + 0.49) / 50.0).abs() < 1e-12,
+            "{before}"
+        );
+        // A new request arriving now waits for that prefill to end before its own.
+        let mut e = e;
+        e.running.push(r);
+        assert!((predicted_wait_s(&e, 100, 10.0) - 0.3).abs() < 1e-12);
+        let own = predicted_own_latency(
+            &e,
+            &Candidate {
+                prompt_tokens: 100,
+                predicted_output_tokens: 10.0,
+                predicted_quality: 0.9,
+                slo_s_per_token: 1.0,
+            },
+        );
+        // 0.3 s wait, 0.1 s prefill, 9 steps of 10 ms, over 10 tokens.
+        assert!((own.per_token_s - (0.3 + 0.1 + 0.09) / 10.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_queue_on_an_idle_expert_delays_the_new_request() {
+        // One slot, nothing running, one request waiting (100-token prompt, 11 tokens): it
+        // is admitted first, prefills for 0.1 s and decodes 10 steps (0.1 s); the new request
+        // starts at 0.2 s.
+        let mut e = expert_10ms(1);
+        e.waiting.push(running(0, 11.0, 0.0, 1.0));
+        assert!((predicted_wait_s(&e, 100, 10.0) - 0.2).abs() < 1e-12);
+        // With a second slot it is admitted with the queued one: their prompts are one prefill
+        // iteration, so the queued prefill delays its first token.
+        let e2 = expert_10ms(2);
+        let mut e2 = e2;
+        e2.waiting.push(running(0, 11.0, 0.0, 1.0));
+        let c = Candidate {
+            prompt_tokens: 200,
+            predicted_output_tokens: 10.0,
+            predicted_quality: 0.9,
+            slo_s_per_token: 1.0,
+        };
+        let own = predicted_own_latency(&e2, &c);
+        assert_eq!(own.wait_s, 0.0);
+        assert!((own.queued_prefill_s - 0.1).abs() < 1e-12);
+        assert!((own.prefill_s - 0.2).abs() < 1e-12);
+        assert!((own.per_token_s - (0.1 + 0.2 + 0.09) / 10.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_new_prompts_prefill_overhead_stalls_the_running_requests() {
+        // The increase of the paper's worked case, plus a 20 ms overhead over 300 tokens.
+        let mut l = paper_expert().latency;
+        l.prefill_overhead_s = 0.02;
+        let dl = latency_increase_s_per_token(&l, 100.0, 200.0, 300.0, 50.0);
+        assert!((dl - (1.0022 + 0.02) / 300.0).abs() < 1e-12, "{dl}");
     }
 }

@@ -9,28 +9,39 @@
 pub mod baselines;
 pub mod calibration;
 pub mod encoder;
+pub mod engine;
 pub mod expert;
+pub mod forecast;
 pub mod impact;
+pub mod knowledge;
+pub mod ledger;
+pub mod lengths;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+pub mod planner;
 pub mod policy;
 pub mod predict;
 pub mod qos;
 pub mod request;
 pub mod rng;
+pub mod rollout;
 pub mod state;
 pub mod task;
 
-pub use baselines::{BASELINE_NAMES, UnknownPolicy, baseline};
+pub use baselines::{BASELINE_NAMES, UnknownPolicy, baseline, is_planner};
 pub use calibration::{
     CalibrationAccuracy, CalibrationCounts, CalibratorSettings, InvalidCalibrator,
     LatencyCalibrator, RejectedObservation,
 };
 pub use encoder::{EncodedState, encode_state};
+pub use engine::{EngineEvent, ExpertEngine, Job};
 pub use expert::{ExpertProfile, InvalidProfile, LatencyModel};
 pub use impact::{ActionImpact, Candidate, impact_of};
+pub use knowledge::{ArrivalWindow, NothingLearned, Observed, OutputLengthModel, QualityModel};
+pub use ledger::{ExpertLedger, LedgerEntry};
 #[cfg(feature = "onnx")]
 pub use onnx::{OnnxError, OnnxPolicy};
+pub use planner::{PLANNER_NAME, PlanEvaluation, PlannerConfig, PlannerStats, QosPlanner};
 pub use policy::{Decision, Policy};
 pub use predict::{
     ExpertOutputLengths, InvalidQualityPrior, OutputLengthPredictor, Predictors, QualityBook,

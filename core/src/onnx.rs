@@ -21,6 +21,7 @@ use crate::baselines::QosGreedy;
 use crate::encoder::{
     EXPERT_FEATURES, EncodedState, IN_FLIGHT_FEATURES, REQUEST_FEATURES, encode_state,
 };
+use crate::knowledge::Observed;
 use crate::policy::{Decision, Policy};
 use crate::request::ArrivingRequest;
 use crate::state::ClusterState;
@@ -130,7 +131,7 @@ impl OnnxPolicy {
             plans_compiled: 0,
             decisions: 0,
             encoded: EncodedState::default(),
-            fallback: QosGreedy,
+            fallback: QosGreedy::default(),
             fallbacks: 0,
         };
         // Compile one small plan now, so a model tract cannot optimise fails at load.
@@ -308,12 +309,17 @@ impl Policy for OnnxPolicy {
         &self.name
     }
 
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        observed: &Observed<'_>,
+    ) -> Decision {
         match self.logits(state, arriving) {
             Ok(logits) => best_action(&logits, &self.encoded.action_mask),
             Err(_) => {
                 self.fallbacks += 1;
-                self.fallback.decide(state, arriving)
+                self.fallback.decide(state, arriving, observed)
             }
         }
     }

@@ -1,6 +1,7 @@
-//! The `Policy` trait: given the cluster state and an arriving request, pick an expert or
-//! reject.
+//! The `Policy` trait: given the cluster state, an arriving request and what the router has
+//! learned, pick an expert or reject.
 
+use crate::knowledge::Observed;
 use crate::request::ArrivingRequest;
 use crate::state::ClusterState;
 
@@ -14,21 +15,34 @@ pub enum Decision {
 }
 
 /// A router. Policies see predicted output lengths and predicted quality only, never the
-/// true ones: [`ArrivingRequest`] and [`ClusterState`] hold no truth.
+/// true ones: [`ArrivingRequest`], [`ClusterState`] and [`Observed`] hold no truth and no
+/// future arrival.
 pub trait Policy {
     /// Short name, as the CLI spells it.
     fn name(&self) -> &str;
 
     /// Decide where `arriving` goes. Must return `Route(e)` only for an eligible expert
     /// ([`ClusterState::is_eligible`]); otherwise the caller treats it as a rejection.
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision;
+    /// `observed` is what the router has learned (length distributions, quality estimates,
+    /// recent arrivals); policies that score the state alone ignore it.
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        observed: &Observed<'_>,
+    ) -> Decision;
 }
 
 impl<P: Policy + ?Sized> Policy for Box<P> {
     fn name(&self) -> &str {
         (**self).name()
     }
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
-        (**self).decide(state, arriving)
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        observed: &Observed<'_>,
+    ) -> Decision {
+        (**self).decide(state, arriving, observed)
     }
 }

@@ -22,18 +22,38 @@
 //! pseudo-observations: `(sum + general * weight) / (n + weight)`. With no data it is the
 //! general estimate; with `n >> weight` it is the plain mean.
 //!
+//! # Length distributions
+//!
+//! Beside the means, the output-length predictors keep [`LengthHistogram`]s of the
+//! completions, and their distributions ([`LengthMixture`]: quantiles, draws conditioned on the
+//! tokens generated so far) mirror the shrinkage of the means:
+//!
+//! - global = all completions, plus a point mass at [`PRIOR_OUTPUT_TOKENS`] of weight 1;
+//! - per task = the task's histogram with weight `n_task` and the global distribution with
+//!   weight [`OUTPUT_PRIOR_WEIGHT`] (normalised: `n_task / (n_task + 4)` and
+//!   `4 / (n_task + 4)`);
+//! - per (expert, task) = the expert's own histogram of the task with weight `n_expert` and
+//!   the pooled per-task distribution with weight [`OUTPUT_PRIOR_WEIGHT`].
+//!
+//! So the mean of each distribution is the mean predicted (before the floor at 1 token), and
+//! with no data every distribution is the point mass at [`PRIOR_OUTPUT_TOKENS`].
+//!
 //! # In the daemon
 //!
 //! Keep one [`ExpertOutputLengths`] and one [`QualityBook`] with the experts in policy order
 //! (the order of `ClusterState::experts`); build each arriving request's predictions as
-//! `Prediction { output_tokens: lengths.predict(e, task), quality: book.predict(e, task) }`;
+//! `Prediction { output_tokens: lengths.predict(e, task), output_quantiles:
+//! lengths.quantiles(e, task), quality: book.predict(e, task) }`;
 //! feed completions to [`ExpertOutputLengths::observe`] and feedback scores to
 //! [`QualityBook::observe`]; on a config reload call `reconfigure` on both with the new
 //! expert list.
 
 use std::collections::HashMap;
 
+use crate::knowledge::{OutputLengthModel, QualityModel};
+use crate::lengths::{LengthHistogram, LengthMixture};
 use crate::request::Prediction;
+use crate::rng::SimRng;
 use crate::task::Task;
 
 /// Output length prior before anything completed: a common `max_tokens` default.
@@ -45,50 +65,66 @@ pub const OUTPUT_PRIOR_WEIGHT: f64 = 4.0;
 /// Pseudo-observations the prior of quality is worth against observed quality.
 pub const QUALITY_PRIOR_WEIGHT: f64 = 20.0;
 
-/// Running mean of output tokens per task, shrunk toward the global running mean.
+/// Running mean of output tokens per task, shrunk toward the global running mean, and the
+/// matching distribution (see the [module docs](self)).
 ///
 /// The global mean itself starts from [`PRIOR_OUTPUT_TOKENS`] worth one observation:
 /// `global = (all_sum + PRIOR_OUTPUT_TOKENS) / (all_n + 1)`, and a task predicts
 /// `max(1, (task_sum + global * OUTPUT_PRIOR_WEIGHT) / (task_n + OUTPUT_PRIOR_WEIGHT))`.
-#[derive(Debug, Clone)]
+/// Memory is fixed: one [`LengthHistogram`] per task and one over all tasks.
+#[derive(Debug, Clone, Default)]
 pub struct OutputLengthPredictor {
-    sum: [f64; Task::COUNT],
-    n: [f64; Task::COUNT],
-    all_sum: f64,
-    all_n: f64,
-}
-
-impl Default for OutputLengthPredictor {
-    fn default() -> Self {
-        Self {
-            sum: [0.0; Task::COUNT],
-            n: [0.0; Task::COUNT],
-            all_sum: 0.0,
-            all_n: 0.0,
-        }
-    }
+    /// Completions per task (their exact sums and counts give the means).
+    tasks: [LengthHistogram; Task::COUNT],
+    /// Every completion.
+    all: LengthHistogram,
 }
 
 impl OutputLengthPredictor {
     /// Predicted output tokens of a request of `task` (at least 1).
     pub fn predict(&self, task: Task) -> f64 {
-        let global = (self.all_sum + PRIOR_OUTPUT_TOKENS) / (self.all_n + 1.0);
-        let t = task.index();
-        ((self.sum[t] + global * OUTPUT_PRIOR_WEIGHT) / (self.n[t] + OUTPUT_PRIOR_WEIGHT)).max(1.0)
+        let global = (self.all.sum() + PRIOR_OUTPUT_TOKENS) / (self.all.n() + 1.0);
+        let own = &self.tasks[task.index()];
+        ((own.sum() + global * OUTPUT_PRIOR_WEIGHT) / (own.n() + OUTPUT_PRIOR_WEIGHT)).max(1.0)
     }
 
     /// Learns from a completed request.
     pub fn observe(&mut self, task: Task, output_tokens: u32) {
-        let t = task.index();
-        self.sum[t] += f64::from(output_tokens);
-        self.n[t] += 1.0;
-        self.all_sum += f64::from(output_tokens);
-        self.all_n += 1.0;
+        self.tasks[task.index()].observe(output_tokens);
+        self.all.observe(output_tokens);
     }
 
     /// Completed requests of `task` observed so far.
     pub fn observations(&self, task: Task) -> u64 {
-        self.n[task.index()] as u64
+        self.tasks[task.index()].n() as u64
+    }
+
+    /// The distribution of the output tokens of a `task` request: the task's completions
+    /// (weight `n_task`) mixed with the global distribution (weight [`OUTPUT_PRIOR_WEIGHT`]),
+    /// itself every completion plus a point mass at [`PRIOR_OUTPUT_TOKENS`] of weight 1.
+    pub fn distribution(&self, task: Task) -> LengthMixture<'_> {
+        self.add_distribution(LengthMixture::new(), task, 1.0)
+    }
+
+    /// Adds [`OutputLengthPredictor::distribution`] of `task` to `mix` with mixture weight
+    /// `weight`.
+    fn add_distribution<'a>(
+        &'a self,
+        mix: LengthMixture<'a>,
+        task: Task,
+        weight: f64,
+    ) -> LengthMixture<'a> {
+        let own = &self.tasks[task.index()];
+        let shrink = weight / (own.n() + OUTPUT_PRIOR_WEIGHT);
+        let global = shrink * OUTPUT_PRIOR_WEIGHT / (self.all.n() + 1.0);
+        mix.with_histogram(own, shrink * own.n())
+            .with_histogram(&self.all, global * self.all.n())
+            .with_point(PRIOR_OUTPUT_TOKENS as u32, global)
+    }
+
+    /// The (p10, p50, p90) of the output tokens of a `task` request, each at least 1.
+    pub fn quantiles(&self, task: Task) -> [f64; 3] {
+        self.distribution(task).prediction_quantiles()
     }
 }
 
@@ -146,34 +182,91 @@ pub struct Predictors {
 }
 
 impl Predictors {
-    /// Fills `out` with the prediction for each expert.
+    /// Fills `out` with the prediction for each expert (the same output-length mean and
+    /// (p10, p50, p90) for every expert).
     pub fn predict_into(&self, task: Task, out: &mut Vec<Prediction>) {
         out.clear();
         let output_tokens = self.output.predict(task);
+        let output_quantiles = self.output.quantiles(task);
         out.extend((0..self.quality.prior.len()).map(|e| Prediction {
             output_tokens,
+            output_quantiles,
             quality: self.quality.predict(e, task),
         }));
     }
 }
 
-/// Per-task running sums of one expert.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct TaskSums {
-    sum: [f64; Task::COUNT],
-    n: [f64; Task::COUNT],
+/// Every expert gets the per-task distribution (the expert index is ignored).
+impl OutputLengthModel for OutputLengthPredictor {
+    fn mean_tokens(&self, _expert: usize, task: Task) -> f64 {
+        self.predict(task)
+    }
+    fn quantile_tokens(&self, _expert: usize, task: Task, q: f64) -> f64 {
+        self.distribution(task).quantile(q).map_or(1.0, f64::from)
+    }
+    fn sample_remaining(
+        &self,
+        _expert: usize,
+        task: Task,
+        generated: u32,
+        rng: &mut SimRng,
+    ) -> u32 {
+        self.distribution(task).sample_remaining(generated, rng)
+    }
 }
 
-impl TaskSums {
-    const EMPTY: Self = Self {
-        sum: [0.0; Task::COUNT],
-        n: [0.0; Task::COUNT],
-    };
+impl OutputLengthModel for ExpertOutputLengths {
+    fn mean_tokens(&self, expert: usize, task: Task) -> f64 {
+        self.predict(expert, task)
+    }
+    fn quantile_tokens(&self, expert: usize, task: Task, q: f64) -> f64 {
+        self.distribution(expert, task)
+            .quantile(q)
+            .map_or(1.0, f64::from)
+    }
+    fn sample_remaining(&self, expert: usize, task: Task, generated: u32, rng: &mut SimRng) -> u32 {
+        self.distribution(expert, task)
+            .sample_remaining(generated, rng)
+    }
 }
+
+impl QualityModel for QualityPredictor {
+    fn predicted_quality(&self, expert: usize, task: Task) -> f64 {
+        if expert < self.experts() {
+            self.predict(expert, task)
+        } else {
+            0.0
+        }
+    }
+}
+
+impl OutputLengthModel for Predictors {
+    fn mean_tokens(&self, expert: usize, task: Task) -> f64 {
+        self.output.mean_tokens(expert, task)
+    }
+    fn quantile_tokens(&self, expert: usize, task: Task, q: f64) -> f64 {
+        self.output.quantile_tokens(expert, task, q)
+    }
+    fn sample_remaining(&self, expert: usize, task: Task, generated: u32, rng: &mut SimRng) -> u32 {
+        self.output.sample_remaining(expert, task, generated, rng)
+    }
+}
+
+impl QualityModel for Predictors {
+    fn predicted_quality(&self, expert: usize, task: Task) -> f64 {
+        self.quality.predicted_quality(expert, task)
+    }
+}
+
+/// Per-task completions of one expert (exact sums and counts, and histograms).
+type TaskLengths = [LengthHistogram; Task::COUNT];
+
+/// No completion of any task.
+const NO_LENGTHS: TaskLengths = [LengthHistogram::EMPTY; Task::COUNT];
 
 /// For each name of `new`, the history kept under that name in `old` (first match), else
 /// `empty`.
-fn carry_over<T: Copy>(old_names: &[String], old: &[T], new: &[String], empty: T) -> Vec<T> {
+fn carry_over<T: Clone>(old_names: &[String], old: &[T], new: &[String], empty: T) -> Vec<T> {
     let mut by_name: HashMap<&str, usize> = HashMap::with_capacity(old_names.len());
     for (i, name) in old_names.iter().enumerate() {
         by_name.entry(name.as_str()).or_insert(i);
@@ -182,8 +275,8 @@ fn carry_over<T: Copy>(old_names: &[String], old: &[T], new: &[String], empty: T
         .map(|name| {
             by_name
                 .get(name.as_str())
-                .and_then(|&i| old.get(i).copied())
-                .unwrap_or(empty)
+                .and_then(|&i| old.get(i).cloned())
+                .unwrap_or_else(|| empty.clone())
         })
         .collect()
 }
@@ -196,7 +289,9 @@ fn carry_over<T: Copy>(old_names: &[String], old: &[T], new: &[String], empty: T
 /// `pooled` is exactly what an [`OutputLengthPredictor`] fed with every completion predicts
 /// for the task (same prior [`PRIOR_OUTPUT_TOKENS`], same weights). So an expert with no
 /// history predicts what the others did, and an expert with many completions predicts its
-/// own mean.
+/// own mean. The distribution mirrors it (see the [module docs](self)): the expert's own
+/// histogram of the task (weight `e_n`) mixed with the pooled per-task distribution (weight
+/// [`OUTPUT_PRIOR_WEIGHT`]). Memory per expert is fixed: one [`LengthHistogram`] per task.
 ///
 /// # Experts are keyed by name
 ///
@@ -211,7 +306,7 @@ fn carry_over<T: Copy>(old_names: &[String], old: &[T], new: &[String], empty: T
 #[derive(Debug, Clone)]
 pub struct ExpertOutputLengths {
     names: Vec<String>,
-    own: Vec<TaskSums>,
+    own: Vec<TaskLengths>,
     pooled: OutputLengthPredictor,
 }
 
@@ -223,7 +318,7 @@ impl ExpertOutputLengths {
         S: Into<String>,
     {
         let names: Vec<String> = names.into_iter().map(Into::into).collect();
-        let own = vec![TaskSums::EMPTY; names.len()];
+        let own = vec![NO_LENGTHS; names.len()];
         Self {
             names,
             own,
@@ -253,8 +348,28 @@ impl ExpertOutputLengths {
         let Some(own) = self.own.get(e) else {
             return pooled;
         };
-        let t = task.index();
-        ((own.sum[t] + pooled * OUTPUT_PRIOR_WEIGHT) / (own.n[t] + OUTPUT_PRIOR_WEIGHT)).max(1.0)
+        let own = &own[task.index()];
+        ((own.sum() + pooled * OUTPUT_PRIOR_WEIGHT) / (own.n() + OUTPUT_PRIOR_WEIGHT)).max(1.0)
+    }
+
+    /// The distribution of the output tokens of a `task` request on expert `e`: its own
+    /// completions of the task (weight `e_n`) mixed with the pooled per-task distribution
+    /// (weight [`OUTPUT_PRIOR_WEIGHT`]). Out of range: the pooled distribution.
+    pub fn distribution(&self, e: usize, task: Task) -> LengthMixture<'_> {
+        let Some(own) = self.own.get(e) else {
+            return self.pooled.distribution(task);
+        };
+        let own = &own[task.index()];
+        let shrink = 1.0 / (own.n() + OUTPUT_PRIOR_WEIGHT);
+        let mix = LengthMixture::new().with_histogram(own, shrink * own.n());
+        self.pooled
+            .add_distribution(mix, task, shrink * OUTPUT_PRIOR_WEIGHT)
+    }
+
+    /// The (p10, p50, p90) of the output tokens of a `task` request on expert `e`, each at
+    /// least 1 (what `Prediction::output_quantiles` holds).
+    pub fn quantiles(&self, e: usize, task: Task) -> [f64; 3] {
+        self.distribution(e, task).prediction_quantiles()
     }
 
     /// The per-task prediction over all experts (what an expert with no history predicts).
@@ -268,24 +383,22 @@ impl ExpertOutputLengths {
         let Some(own) = self.own.get_mut(e) else {
             return false;
         };
-        let t = task.index();
-        own.sum[t] += f64::from(output_tokens);
-        own.n[t] += 1.0;
+        own[task.index()].observe(output_tokens);
         self.pooled.observe(task, output_tokens);
         true
     }
 
     /// Completions of `task` observed from expert `e` (0 out of range).
     pub fn observations(&self, e: usize, task: Task) -> u64 {
-        self.own.get(e).map_or(0, |o| o.n[task.index()] as u64)
+        self.own.get(e).map_or(0, |o| o[task.index()].n() as u64)
     }
 
     /// Takes the expert list of a reloaded config (names in the new policy order): kept names
-    /// keep their history, new names start with none, removed names' own history is dropped;
-    /// the pooled means are kept whole.
+    /// keep their history (means and histograms), new names start with none, removed names'
+    /// own history is dropped; the pooled means and distributions are kept whole.
     pub fn reconfigure<S: AsRef<str>>(&mut self, names: &[S]) {
         let names: Vec<String> = names.iter().map(|n| n.as_ref().to_owned()).collect();
-        self.own = carry_over(&self.names, &self.own, &names, TaskSums::EMPTY);
+        self.own = carry_over(&self.names, &self.own, &names, NO_LENGTHS);
         self.names = names;
     }
 }
@@ -314,6 +427,12 @@ pub struct InvalidQualityPrior {
 pub struct QualityBook {
     names: Vec<String>,
     predictor: QualityPredictor,
+}
+
+impl QualityModel for QualityBook {
+    fn predicted_quality(&self, expert: usize, task: Task) -> f64 {
+        self.predict(expert, task)
+    }
 }
 
 /// Checks one expert's priors.
@@ -459,14 +578,20 @@ mod tests {
             output: OutputLengthPredictor::default(),
             quality: QualityPredictor::new(vec![[0.3; Task::COUNT], [0.7; Task::COUNT]]),
         };
-        let mut out = vec![Prediction {
-            output_tokens: 9.0,
-            quality: 9.0,
-        }];
+        let mut out = vec![Prediction::point(9.0, 9.0)];
         p.predict_into(Task::Chat, &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].output_tokens, PRIOR_OUTPUT_TOKENS);
+        assert_eq!(out[0].output_quantiles, [PRIOR_OUTPUT_TOKENS; 3]);
         assert_eq!(out[1].quality, 0.7);
+        let mut p = p;
+        for tokens in [10, 20, 30, 40, 50, 60, 70, 80, 90] {
+            p.output.observe(Task::Chat, tokens);
+        }
+        p.predict_into(Task::Chat, &mut out);
+        assert_eq!(out[1].output_quantiles, p.output.quantiles(Task::Chat));
+        let [p10, p50, p90] = out[1].output_quantiles;
+        assert!(10.0 <= p10 && p10 < p50 && p50 < p90 && p90 <= PRIOR_OUTPUT_TOKENS);
     }
 
     #[test]
@@ -515,6 +640,11 @@ mod tests {
         let a = lengths.predict(0, Task::Mbpp);
         let b = lengths.predict(1, Task::Mbpp);
         let pooled = lengths.predict_pooled(Task::Mbpp);
+        let (qa, qb, qpooled) = (
+            lengths.quantiles(0, Task::Mbpp),
+            lengths.quantiles(1, Task::Mbpp),
+            lengths.quantiles(7, Task::Mbpp),
+        );
         // "c" removed, "b" moved first, "d" added.
         lengths.reconfigure(&["b", "d", "a"]);
         assert_eq!(lengths.names(), ["b", "d", "a"]);
@@ -526,10 +656,31 @@ mod tests {
         assert_eq!(lengths.predict_pooled(Task::Mbpp), pooled);
         assert_eq!(lengths.predict(1, Task::Mbpp), pooled);
         assert_eq!(lengths.observations(1, Task::Mbpp), 0);
+        // The distributions follow the names too.
+        assert_eq!(lengths.quantiles(0, Task::Mbpp), qb);
+        assert_eq!(lengths.quantiles(2, Task::Mbpp), qa);
+        assert_eq!(lengths.quantiles(1, Task::Mbpp), qpooled);
         // A removed then re-added name starts afresh.
         lengths.reconfigure(&["c"]);
         assert_eq!(lengths.observations(0, Task::Mbpp), 0);
         assert_eq!(lengths.experts(), 1);
+    }
+
+    #[test]
+    fn expert_lengths_memory_does_not_grow_with_observations() {
+        let mut lengths = ExpertOutputLengths::new(["a", "b"]);
+        let capacity = lengths.own.capacity();
+        let per_expert = std::mem::size_of_val(&lengths.own[0]);
+        for i in 0..100_000u32 {
+            lengths.observe(
+                (i % 2) as usize,
+                Task::ALL[i as usize % Task::COUNT],
+                i % 9000,
+            );
+        }
+        assert_eq!(lengths.own.capacity(), capacity);
+        assert_eq!(std::mem::size_of_val(&lengths.own[0]), per_expert);
+        assert_eq!(lengths.observations(0, Task::ALL[0]), 3334);
     }
 
     #[test]

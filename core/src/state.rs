@@ -22,6 +22,12 @@ pub struct InFlight {
     pub generated_tokens: u32,
     /// Seconds since the request arrived at the router.
     pub elapsed_s: f64,
+    /// Seconds since it took one of the expert's slots in the router's first-come-first-served
+    /// view (0 while it waits): a running request with no token yet has spent this long of its
+    /// prefill.
+    pub slot_elapsed_s: f64,
+    /// The most output tokens the request may produce (its `max_tokens`), if bounded.
+    pub max_output_tokens: Option<u32>,
     /// Answer quality the router predicted for this expert.
     pub predicted_quality: f64,
     /// The request's SLO, seconds per output token.
@@ -59,7 +65,8 @@ pub struct ExpertState {
     pub running: Vec<InFlight>,
     /// Requests queued at the expert, in FCFS order.
     pub waiting: Vec<InFlight>,
-    /// Fraction of time the expert has been busy (0..=1) over the observation window.
+    /// Share of recent time the router had at least one request on the expert (0..=1),
+    /// exponentially weighted (see [`crate::ledger`], which computes it).
     pub utilisation: f64,
 }
 

@@ -65,6 +65,7 @@ fn encoded(case: &Value) -> EncodedState {
         running_adj: floats(&inputs["running_adj"]),
         waiting_adj: floats(&inputs["waiting_adj"]),
         action_mask: floats(&inputs["action_mask"]),
+        ..EncodedState::default()
     }
 }
 

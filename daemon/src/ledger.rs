@@ -2,15 +2,18 @@
 //! policy was trained on (`qosroute_core::ClusterState`), built from what this daemon sent and
 //! saw stream back.
 //!
-//! An engine's internal queue is not visible over HTTP, so requests on an expert are taken as
-//! the engine's own model runs them: first come, first served, the first `max_slots` running
-//! and the rest waiting. Scraped engine metrics (other clients' load) and health decide
-//! whether the expert is usable: an expert whose signals are unknown or stale is not up.
+//! Each expert's requests are kept in `qosroute_core::ExpertLedger`, the book the simulator
+//! keeps too, and turned into the policy's view by the same function
+//! (`ExpertLedger::fill_expert_state`): first come, first served, the first `max_slots`
+//! running and the rest waiting (see `qosroute_core::ledger` for the meaning of every field).
+//! Times go into it as seconds since the daemon's epoch. Scraped engine metrics (other
+//! clients' load) and health decide whether the expert is usable: an expert whose signals are
+//! unknown or stale is not up.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use qosroute_core::{ClusterState, ExpertProfile, ExpertState, InFlight, Task};
+use qosroute_core::{ClusterState, ExpertLedger, ExpertProfile, ExpertState, LedgerEntry, Task};
 use tokio::time::Instant;
 
 use crate::config::HostDevice;
@@ -30,19 +33,12 @@ pub struct Dispatched {
     pub predicted_quality: f64,
     /// The request's SLO.
     pub slo_s_per_token: f64,
+    /// Its `max_tokens`.
+    pub max_output_tokens: Option<u32>,
     /// When the request arrived at the daemon.
     pub arrived_at: Instant,
     /// When it was sent to the expert.
     pub dispatched_at: Instant,
-    /// When its first token came back.
-    pub first_token_at: Option<Instant>,
-    /// Tokens streamed back so far.
-    pub generated_tokens: u32,
-    /// Since when it has held one of the expert's slots in this daemon's view (set by the
-    /// ledger): its dispatch when a slot was free then, else the moment the request ahead of it
-    /// finished; `None` while it waits. Its prefill is measured from then, not from its
-    /// dispatch, which would count its wait as prefill.
-    pub slot_since: Option<Instant>,
 }
 
 /// What the daemon knows about one expert besides its requests.
@@ -72,8 +68,8 @@ pub struct ReportedLoad {
 pub struct ExpertBook {
     /// Profile the policy reasons with (its latency model is refitted online).
     pub profile: Arc<ExpertProfile>,
-    /// Requests in flight, in dispatch order.
-    pub in_flight: Vec<Dispatched>,
+    /// Requests in flight, in dispatch order, with the slot each holds in the daemon's view.
+    pub in_flight: ExpertLedger,
     /// Health.
     pub health: ExpertHealth,
     /// Whether the engine exposes load metrics (vLLM, SGLang, llama.cpp do; Ollama does not).
@@ -115,15 +111,6 @@ impl HostReading {
     }
 }
 
-/// Typical size of a request the daemon did not send (another client's), for the load the
-/// engine reports beyond this daemon's own requests.
-const FOREIGN_PROMPT_TOKENS: u32 = 512;
-/// Typical output of a foreign request, tokens.
-const FOREIGN_OUTPUT_TOKENS: f64 = 256.0;
-/// A foreign request's SLO is unknown; it is taken as loose (its QoS is not ours to protect),
-/// finite so that every feature stays finite.
-const FOREIGN_SLO_S_PER_TOKEN: f64 = 1e3;
-
 /// Failures in a row that open an expert's circuit.
 pub const FAILURES_TO_OPEN: u32 = 3;
 
@@ -136,23 +123,20 @@ pub struct Ledger {
     pub host: Option<HostReading>,
     /// A local expert's device busier than this with none of our requests on it is taken.
     pub host_busy_above: f64,
-}
-
-impl Default for Ledger {
-    fn default() -> Self {
-        Self::new(&[])
-    }
+    /// The daemon's clock starts here: the books count seconds from it.
+    epoch: Instant,
 }
 
 impl Ledger {
-    /// Books for these experts, none checked yet (so none up until a check succeeds).
-    pub fn new(profiles: &[Arc<ExpertProfile>]) -> Self {
+    /// Books for these experts, none checked yet (so none up until a check succeeds); times
+    /// are counted from `epoch`.
+    pub fn new(profiles: &[Arc<ExpertProfile>], epoch: Instant) -> Self {
         Self {
             experts: profiles
                 .iter()
                 .map(|p| ExpertBook {
                     profile: p.clone(),
-                    in_flight: Vec::new(),
+                    in_flight: ExpertLedger::new(p.max_slots, 0.0),
                     health: ExpertHealth {
                         last_ok: None,
                         consecutive_failures: 0,
@@ -167,7 +151,18 @@ impl Ledger {
                 .collect(),
             host: None,
             host_busy_above: 1.0,
+            epoch,
         }
+    }
+
+    /// Seconds from the epoch to `at`.
+    pub fn secs(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.epoch).as_secs_f64()
+    }
+
+    /// The instant `secs` seconds after the epoch.
+    pub fn instant(&self, secs: f64) -> Instant {
+        self.epoch + Duration::from_secs_f64(secs.max(0.0))
     }
 
     /// Whether expert `e` may take traffic at `now`: checked recently and circuit closed.
@@ -188,51 +183,23 @@ impl Ledger {
     /// as idle. An expert on this host is saturated as well when host telemetry cannot tell
     /// its device's load (unknown or stale), or when the device is busier than
     /// `host_busy_above` while none of our requests run on it (another process has it).
-    pub fn cluster_state(
-        &self,
-        now: Instant,
-        stale_after: Duration,
-        epoch: Instant,
-    ) -> ClusterState {
+    pub fn cluster_state(&self, now: Instant, stale_after: Duration) -> ClusterState {
+        let now_s = self.secs(now);
         ClusterState {
-            now_s: now.saturating_duration_since(epoch).as_secs_f64(),
+            now_s,
             experts: self
                 .experts
                 .iter()
                 .enumerate()
                 .map(|(e, book)| {
-                    let slots = book.profile.max_slots as usize;
-                    let as_in_flight = |d: &Dispatched| InFlight {
-                        id: d.key,
-                        task: d.task,
-                        prompt_tokens: d.prompt_tokens,
-                        predicted_output_tokens: d.predicted_output_tokens,
-                        generated_tokens: d.generated_tokens,
-                        elapsed_s: now.saturating_duration_since(d.arrived_at).as_secs_f64(),
-                        predicted_quality: d.predicted_quality,
-                        slo_s_per_token: d.slo_s_per_token,
-                    };
-                    let mut all: Vec<InFlight> = book.in_flight.iter().map(as_in_flight).collect();
-                    // Requests of other clients (or other processes) as typical-size ones.
-                    let foreign = self.foreign_requests(e, now, stale_after);
-                    all.extend((0..foreign).map(|i| InFlight {
-                        id: u64::MAX - i as u64,
-                        task: Task::Chat,
-                        prompt_tokens: FOREIGN_PROMPT_TOKENS,
-                        predicted_output_tokens: FOREIGN_OUTPUT_TOKENS,
-                        generated_tokens: 0,
-                        elapsed_s: 0.0,
-                        predicted_quality: 0.0,
-                        slo_s_per_token: FOREIGN_SLO_S_PER_TOKEN,
-                    }));
-                    let waiting = all.split_off(all.len().min(slots));
-                    ExpertState {
-                        profile: book.profile.clone(),
-                        up: self.is_up(e, now, stale_after),
-                        utilisation: all.len() as f64 / slots.max(1) as f64,
-                        running: all,
-                        waiting,
-                    }
+                    let mut state = ExpertState::idle(book.profile.clone());
+                    book.in_flight.fill_expert_state(
+                        &mut state,
+                        self.is_up(e, now, stale_after),
+                        now_s,
+                        self.foreign_requests(e, now, stale_after),
+                    );
+                    state
                 })
                 .collect(),
         }
@@ -302,45 +269,52 @@ impl Ledger {
     }
 
     /// Records a dispatch.
-    pub fn dispatch(&mut self, e: usize, mut d: Dispatched) {
+    pub fn dispatch(&mut self, e: usize, d: Dispatched) {
+        let (arrived_s, dispatched_s) = (self.secs(d.arrived_at), self.secs(d.dispatched_at));
         if let Some(book) = self.experts.get_mut(e) {
-            d.slot_since =
-                (book.in_flight.len() < book.profile.max_slots as usize).then_some(d.dispatched_at);
-            book.in_flight.push(d);
+            book.in_flight.dispatch(
+                LedgerEntry {
+                    id: d.key,
+                    task: d.task,
+                    prompt_tokens: d.prompt_tokens,
+                    predicted_output_tokens: d.predicted_output_tokens,
+                    predicted_quality: d.predicted_quality,
+                    slo_s_per_token: d.slo_s_per_token,
+                    max_output_tokens: d.max_output_tokens,
+                    arrived_s,
+                    dispatched_s,
+                    slot_since_s: None,
+                    first_token_s: None,
+                    generated_tokens: 0,
+                },
+                dispatched_s,
+            );
         }
     }
 
     /// Records tokens streamed back for a request; returns whether it was the first.
     pub fn tokens(&mut self, e: usize, key: u64, tokens: u32, at: Instant) -> bool {
-        let Some(d) = self
-            .experts
+        let at_s = self.secs(at);
+        self.experts
             .get_mut(e)
-            .and_then(|b| b.in_flight.iter_mut().find(|d| d.key == key))
-        else {
-            return false;
-        };
-        d.generated_tokens = d.generated_tokens.saturating_add(tokens);
-        let first = d.first_token_at.is_none();
-        if first {
-            d.first_token_at = Some(at);
-        }
-        first
+            .is_some_and(|b| b.in_flight.tokens(key, tokens, at_s))
     }
 
-    /// Removes a finished (or failed) request and returns its record.
-    pub fn finish(&mut self, e: usize, key: u64) -> Option<Dispatched> {
-        let book = self.experts.get_mut(e)?;
-        let i = book.in_flight.iter().position(|d| d.key == key)?;
-        let done = book.in_flight.remove(i);
-        // The first waiting request takes the freed slot (engines serve in arrival order).
-        let slots = book.profile.max_slots as usize;
-        if i < slots
-            && let Some(next) = book.in_flight.get_mut(slots - 1)
-            && next.slot_since.is_none()
-        {
-            next.slot_since = Some(Instant::now());
-        }
-        Some(done)
+    /// Since when request `key` has held a slot of expert `e` in the daemon's view: its
+    /// dispatch when a slot was free then, else the moment the request ahead of it finished;
+    /// `None` while it waits. Its prefill is measured from then, not from its dispatch, which
+    /// would count its wait as prefill.
+    pub fn slot_since(&self, e: usize, key: u64) -> Option<Instant> {
+        let book = self.experts.get(e)?;
+        let entry = book.in_flight.entries().iter().find(|d| d.id == key)?;
+        entry.slot_since_s.map(|s| self.instant(s))
+    }
+
+    /// Removes a finished (or failed) request at `now` and returns its entry; the first
+    /// waiting request takes the slot it frees.
+    pub fn finish(&mut self, e: usize, key: u64, now: Instant) -> Option<LedgerEntry> {
+        let now_s = self.secs(now);
+        self.experts.get_mut(e)?.in_flight.finish(key, now_s)
     }
 
     /// A successful request, check or scrape: the expert is alive.
@@ -375,8 +349,8 @@ impl Ledger {
     }
 
     /// [`Ledger::finish`] by expert name.
-    pub fn finish_by_name(&mut self, name: &str, key: u64) -> Option<Dispatched> {
-        self.index_of(name).and_then(|e| self.finish(e, key))
+    pub fn finish_by_name(&mut self, name: &str, key: u64, now: Instant) -> Option<LedgerEntry> {
+        self.index_of(name).and_then(|e| self.finish(e, key, now))
     }
 
     /// [`Ledger::mark_failed`] by expert name.
@@ -417,18 +391,16 @@ mod tests {
             predicted_output_tokens: 50.0,
             predicted_quality: 0.5,
             slo_s_per_token: 0.1,
+            max_output_tokens: None,
             arrived_at: at,
             dispatched_at: at,
-            first_token_at: None,
-            generated_tokens: 0,
-            slot_since: None,
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn requests_beyond_the_slots_wait_and_progress_is_tracked() {
         let epoch = Instant::now();
-        let mut ledger = Ledger::new(&[profile("a", 2)]);
+        let mut ledger = Ledger::new(&[profile("a", 2)], epoch);
         ledger.mark_ok(0, epoch);
         for key in 0..3 {
             ledger.dispatch(0, dispatched(key, epoch));
@@ -437,43 +409,33 @@ mod tests {
         let now = Instant::now();
         assert!(ledger.tokens(0, 1, 3, now));
         assert!(!ledger.tokens(0, 1, 2, now));
-        let s = ledger.cluster_state(now, Duration::from_secs(5), epoch);
+        let s = ledger.cluster_state(now, Duration::from_secs(5));
         let x = &s.experts[0];
         assert_eq!((x.running.len(), x.waiting.len()), (2, 1));
         assert_eq!(x.running[1].generated_tokens, 5);
         assert!((x.running[1].elapsed_s - 0.5).abs() < 1e-9);
         assert!(x.up);
-        assert_eq!(ledger.finish(0, 0).map(|d| d.key), Some(0));
+        assert_eq!(ledger.finish(0, 0, now).map(|d| d.id), Some(0));
         assert_eq!(ledger.in_flight(), 2);
-        assert_eq!(ledger.finish(0, 0), None);
+        assert_eq!(ledger.finish(0, 0, now), None);
         // Request 2 waited for a slot from its dispatch until request 0 finished (now).
-        let since: Vec<(u64, Option<Instant>)> = ledger.experts[0]
-            .in_flight
-            .iter()
-            .map(|d| (d.key, d.slot_since))
-            .collect();
-        assert_eq!(since, [(1, Some(epoch)), (2, Some(now))]);
+        assert_eq!(ledger.slot_since(0, 1), Some(epoch));
+        assert_eq!(ledger.slot_since(0, 2), Some(now));
         ledger.dispatch(0, dispatched(3, now));
-        assert_eq!(
-            ledger.experts[0].in_flight[2].slot_since, None,
-            "both slots taken"
-        );
+        assert_eq!(ledger.slot_since(0, 3), None, "both slots taken");
         tokio::time::advance(Duration::from_millis(100)).await;
         // A waiting request finishing frees no slot.
         ledger.dispatch(0, dispatched(4, now));
-        assert!(ledger.finish(0, 4).is_some());
-        assert_eq!(ledger.experts[0].in_flight[2].slot_since, None);
-        assert!(ledger.finish(0, 1).is_some());
-        assert_eq!(
-            ledger.experts[0].in_flight[1].slot_since,
-            Some(Instant::now())
-        );
+        assert!(ledger.finish(0, 4, Instant::now()).is_some());
+        assert_eq!(ledger.slot_since(0, 3), None);
+        assert!(ledger.finish(0, 1, Instant::now()).is_some());
+        assert_eq!(ledger.slot_since(0, 3), Some(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]
     async fn unknown_stale_or_failing_experts_are_not_up() {
         let epoch = Instant::now();
-        let mut ledger = Ledger::new(&[profile("a", 2)]);
+        let mut ledger = Ledger::new(&[profile("a", 2)], epoch);
         let stale = Duration::from_secs(5);
         assert!(!ledger.is_up(0, epoch, stale), "never checked");
         ledger.mark_ok(0, epoch);
@@ -495,12 +457,12 @@ mod tests {
     async fn a_local_expert_is_saturated_when_its_device_is_unknown_stale_or_taken() {
         let epoch = Instant::now();
         let stale = Duration::from_secs(5);
-        let mut ledger = Ledger::new(&[profile("cpu-expert", 4), profile("gpu-expert", 4)]);
+        let mut ledger = Ledger::new(&[profile("cpu-expert", 4), profile("gpu-expert", 4)], epoch);
         ledger.host_busy_above = 0.9;
         ledger.experts[0].host_device = Some(HostDevice::Cpu);
         ledger.experts[1].host_device = Some(HostDevice::Gpu("nvml1".into()));
         let running = |l: &Ledger, now| {
-            let s = l.cluster_state(now, stale, epoch);
+            let s = l.cluster_state(now, stale);
             (s.experts[0].running.len(), s.experts[1].running.len())
         };
         assert_eq!(running(&ledger, epoch), (4, 4), "no reading yet: saturated");
@@ -539,10 +501,10 @@ mod tests {
     async fn reported_load_adds_other_clients_and_silence_means_saturated() {
         let epoch = Instant::now();
         let stale = Duration::from_secs(5);
-        let mut ledger = Ledger::new(&[profile("a", 4)]);
+        let mut ledger = Ledger::new(&[profile("a", 4)], epoch);
         ledger.experts[0].reports_load = true;
         ledger.dispatch(0, dispatched(1, epoch));
-        let s = ledger.cluster_state(epoch, stale, epoch);
+        let s = ledger.cluster_state(epoch, stale);
         assert_eq!(s.experts[0].running.len(), 4, "no report yet: saturated");
         ledger.reported_load(
             0,
@@ -552,21 +514,21 @@ mod tests {
                 at: epoch,
             },
         );
-        let s = ledger.cluster_state(epoch, stale, epoch);
+        let s = ledger.cluster_state(epoch, stale);
         assert_eq!(
             (s.experts[0].running.len(), s.experts[0].waiting.len()),
             (4, 1)
         );
         assert_eq!(s.experts[0].running[0].id, 1, "our own request first");
         tokio::time::advance(Duration::from_secs(6)).await;
-        let s = ledger.cluster_state(Instant::now(), stale, epoch);
+        let s = ledger.cluster_state(Instant::now(), stale);
         assert_eq!(
             s.experts[0].running.len(),
             4,
             "stale report: saturated, not idle"
         );
         ledger.experts[0].reports_load = false;
-        let s = ledger.cluster_state(Instant::now(), stale, epoch);
+        let s = ledger.cluster_state(Instant::now(), stale);
         assert_eq!(
             s.experts[0].in_flight(),
             1,

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qosroute_core::{
-    ArrivingRequest, Decision, ExpertOutputLengths, ExpertProfile, InvalidQualityPrior,
-    LatencyCalibrator, OnnxPolicy, Policy, Prediction, QualityBook, Request, Task, UnknownPolicy,
+    ArrivalWindow, ArrivingRequest, Decision, ExpertOutputLengths, ExpertProfile,
+    InvalidQualityPrior, LatencyCalibrator, Observed, OnnxPolicy, Policy, Prediction, QualityBook,
+    Request, Task, UnknownPolicy,
 };
 use tokio::time::Instant;
 
@@ -62,6 +63,9 @@ pub struct Router {
     /// Online refit of each expert's latency model (policy order), from observed prefill and
     /// decode times; the refitted model replaces the profile's in the ledger.
     calibrators: Vec<Option<LatencyCalibrator>>,
+    /// The requests this router has decided lately (what a planning policy reads as the
+    /// arrival process).
+    arrivals: ArrivalWindow,
     epoch: Instant,
     stale_after: Duration,
 }
@@ -99,7 +103,7 @@ impl Router {
         epoch: Instant,
     ) -> Result<Self, RouterError> {
         let profiles = config.profiles();
-        let mut ledger = Ledger::new(&profiles);
+        let mut ledger = Ledger::new(&profiles, epoch);
         ledger.host_busy_above = config.telemetry.host_busy_above;
         for (book, e) in ledger.experts.iter_mut().zip(&config.experts) {
             book.reports_load = Config::reports_load(e);
@@ -123,6 +127,7 @@ impl Router {
                 .iter()
                 .map(|p| LatencyCalibrator::with_settings(p, config.calibration.settings()).ok())
                 .collect(),
+            arrivals: ArrivalWindow::default(),
             epoch,
             stale_after: Duration::from_secs_f64(config.telemetry.stale_after_s),
         })
@@ -147,7 +152,7 @@ impl Router {
         let names: Vec<&str> = config.experts.iter().map(|e| e.name.as_str()).collect();
         self.lengths.reconfigure(&names);
         let profiles = config.profiles();
-        let mut ledger = Ledger::new(&profiles);
+        let mut ledger = Ledger::new(&profiles, self.epoch);
         // A kept expert keeps its calibration unless its configured latency model changed
         // (then, and for a new expert, calibration starts from the configuration in force).
         let mut calibrators: Vec<Option<LatencyCalibrator>> = Vec::with_capacity(profiles.len());
@@ -167,8 +172,10 @@ impl Router {
             ledger.experts[new].reports_load = Config::reports_load(e);
             ledger.experts[new].host_device = e.host_device();
             if let Some(old) = self.ledger.index_of(&p.name) {
-                ledger.experts[new].in_flight =
-                    std::mem::take(&mut self.ledger.experts[old].in_flight);
+                let now_s = ledger.secs(Instant::now());
+                ledger.experts[new]
+                    .in_flight
+                    .take_over(&mut self.ledger.experts[old].in_flight, now_s);
                 ledger.experts[new].health = self.ledger.experts[old].health.clone();
                 ledger.experts[new].reported = self.ledger.experts[old].reported;
                 ledger.experts[new].reported_ours = self.ledger.experts[old].reported_ours;
@@ -240,10 +247,11 @@ impl Router {
         let predictions: Vec<Prediction> = (0..self.ledger.experts.len())
             .map(|e| Prediction {
                 output_tokens: self.predicted_output_tokens(e, request.task).min(cap),
+                output_quantiles: self.lengths.quantiles(e, request.task).map(|q| q.min(cap)),
                 quality: self.predicted_quality(e, request.task),
             })
             .collect();
-        let mut state = self.ledger.cluster_state(now, self.stale_after, self.epoch);
+        let mut state = self.ledger.cluster_state(now, self.stale_after);
         for &e in exclude {
             if let Some(x) = state.experts.get_mut(e) {
                 x.up = false;
@@ -252,19 +260,29 @@ impl Router {
         let arriving = ArrivingRequest {
             request: Request {
                 arrival_s: state.now_s,
+                max_output_tokens: Some(max_tokens),
                 ..*request
             },
             predictions,
+        };
+        // A retry (some expert already excluded) is the same arrival, observed once.
+        if exclude.is_empty() {
+            self.arrivals.observe(&arriving.request);
+        }
+        let observed = Observed {
+            lengths: &self.lengths,
+            quality: &self.quality,
+            arrivals: &self.arrivals,
         };
         let model_on = self.model.is_some() && self.model_paused_until.is_none_or(|t| now >= t);
         let started = std::time::Instant::now();
         let (decision, fell_back) = match self.model.as_mut() {
             Some(model) if model_on => {
                 let before = model.fallbacks();
-                let d = model.decide(&state, &arriving);
+                let d = model.decide(&state, &arriving, &observed);
                 (d, model.fallbacks() > before)
             }
-            _ => (self.fallback.decide(&state, &arriving), true),
+            _ => (self.fallback.decide(&state, &arriving, &observed), true),
         };
         let took = started.elapsed();
         if model_on {
@@ -319,7 +337,8 @@ impl Router {
             return;
         };
         let slots = book.profile.max_slots as usize;
-        let running = &book.in_flight[..book.in_flight.len().min(slots)];
+        let entries = book.in_flight.entries();
+        let running = &entries[..entries.len().min(slots)];
         let batch = running.len().max(1) as f64;
         let context: f64 = running
             .iter()
@@ -394,6 +413,7 @@ mod tests {
             task: Task::Chat,
             prompt_tokens: 100,
             slo_s_per_token: 0.1,
+            max_output_tokens: None,
         };
         let uncapped = router.predicted_output_tokens(0, Task::Chat);
         assert!(

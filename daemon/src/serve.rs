@@ -174,6 +174,7 @@ async fn serve(
         task,
         prompt_tokens,
         slo_s_per_token: slo,
+        max_output_tokens: Some(request.max_tokens),
     };
     let mut failed: Vec<String> = Vec::new();
     for attempt in 0..MAX_ATTEMPTS {
@@ -237,11 +238,9 @@ async fn serve(
                     predicted_output_tokens: prediction.map_or(1.0, |p| p.output_tokens),
                     predicted_quality: prediction.map_or(0.0, |p| p.quality),
                     slo_s_per_token: slo,
+                    max_output_tokens: Some(request.max_tokens),
                     arrived_at,
                     dispatched_at: now,
-                    first_token_at: None,
-                    generated_tokens: 0,
-                    slot_since: None,
                 },
             );
             let client = shared.client(&name);
@@ -249,12 +248,11 @@ async fn serve(
         };
         let _ = routing;
         let Some(client) = client else {
-            shared
-                .router
-                .lock()
-                .await
-                .ledger
-                .finish_by_name(&expert, core_request.id);
+            shared.router.lock().await.ledger.finish_by_name(
+                &expert,
+                core_request.id,
+                Instant::now(),
+            );
             failed.push(expert);
             continue;
         };
@@ -280,7 +278,9 @@ async fn serve(
                     .retries
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut router = shared.router.lock().await;
-                router.ledger.finish_by_name(&expert, core_request.id);
+                router
+                    .ledger
+                    .finish_by_name(&expert, core_request.id, Instant::now());
                 router
                     .ledger
                     .mark_failed_by_name(&expert, Instant::now(), CIRCUIT_OPEN);
@@ -290,7 +290,9 @@ async fn serve(
                 tracing::warn!(expert = %expert, %error, "expert failed mid-answer");
                 {
                     let mut router = shared.router.lock().await;
-                    router.ledger.finish_by_name(&expert, core_request.id);
+                    router
+                        .ledger
+                        .finish_by_name(&expert, core_request.id, Instant::now());
                     router
                         .ledger
                         .mark_failed_by_name(&expert, Instant::now(), CIRCUIT_OPEN);
@@ -306,12 +308,11 @@ async fn serve(
                 return Outcome::ExpertFailed;
             }
             Err(Failure::Cut) => {
-                shared
-                    .router
-                    .lock()
-                    .await
-                    .ledger
-                    .finish_by_name(&expert, core_request.id);
+                shared.router.lock().await.ledger.finish_by_name(
+                    &expert,
+                    core_request.id,
+                    Instant::now(),
+                );
                 send_error(
                     shared,
                     route,
@@ -395,12 +396,7 @@ async fn stream_answer(
                     // when the request ahead of it finished) to its first token. A request
                     // that still waits in the daemon's view measures nothing.
                     if let Some(e) = router.ledger.index_of(expert) {
-                        let slot_since = router.ledger.experts[e]
-                            .in_flight
-                            .iter()
-                            .find(|d| d.key == key)
-                            .and_then(|d| d.slot_since);
-                        if let Some(since) = slot_since {
+                        if let Some(since) = router.ledger.slot_since(e, key) {
                             let ttft = at.saturating_duration_since(since).as_secs_f64();
                             router.observe_prefill(
                                 e,
@@ -450,7 +446,7 @@ async fn stream_answer(
                         }
                         router.learn_completion(e, task, output_tokens);
                     }
-                    router.ledger.finish_by_name(expert, key);
+                    router.ledger.finish_by_name(expert, key, Instant::now());
                 }
                 if !slo_met {
                     shared

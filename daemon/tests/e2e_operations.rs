@@ -33,6 +33,7 @@ fn profile(name: &str) -> Arc<ExpertProfile> {
         kv_tokens: 100_000,
         latency: LatencyModel {
             prefill_tok_s: 20_000.0,
+            prefill_overhead_s: 0.0,
             decode_t0_s: 0.005,
             decode_d_s_per_seq: 0.0002,
             decode_e_s_per_ctx_token: 1e-8,

@@ -335,6 +335,7 @@ mod tests {
             10_000,
             LatencyModel {
                 prefill_tok_s: 1000.0,
+                prefill_overhead_s: 0.0,
                 decode_t0_s: 0.02,
                 decode_d_s_per_seq: 0.002,
                 decode_e_s_per_ctx_token: 1e-5,
@@ -477,6 +478,7 @@ mod tests {
             10_000,
             LatencyModel {
                 prefill_tok_s: 1000.0,
+                prefill_overhead_s: 0.0,
                 decode_t0_s: 0.02,
                 decode_d_s_per_seq: 0.0,
                 decode_e_s_per_ctx_token: 0.0,
@@ -552,6 +554,7 @@ mod tests {
         )
             .prop_map(|(pf, t0, d, e)| LatencyModel {
                 prefill_tok_s: pf,
+                prefill_overhead_s: 0.0,
                 decode_t0_s: t0,
                 decode_d_s_per_seq: d,
                 decode_e_s_per_ctx_token: e,

@@ -306,6 +306,7 @@ async fn in_real_time_tokens_come_at_the_scaled_engine_times() {
         20_000,
         LatencyModel {
             prefill_tok_s: 1000.0,
+            prefill_overhead_s: 0.0,
             decode_t0_s: 0.2,
             decode_d_s_per_seq: 0.0,
             decode_e_s_per_ctx_token: 1e-4,

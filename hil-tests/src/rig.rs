@@ -297,6 +297,7 @@ impl Expert {
             kv_tokens: self.profile.kv_tokens,
             latency: LatencyModel {
                 prefill_tok_s: l.prefill_tok_s * speed,
+                prefill_overhead_s: 0.0,
                 decode_t0_s: l.decode_t0_s / speed,
                 decode_d_s_per_seq: l.decode_d_s_per_seq / speed,
                 decode_e_s_per_ctx_token: l.decode_e_s_per_ctx_token / speed,

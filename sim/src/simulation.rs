@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use qosroute_core::{
-    ArrivingRequest, Candidate, ClusterState, Decision, ExpertState, InFlight, Policy, Prediction,
-    Request, impact_of, per_token_latency_s, qos,
+    ArrivalWindow, ArrivingRequest, Candidate, ClusterState, Decision, ExpertLedger, ExpertState,
+    LedgerEntry, Observed, Policy, Prediction, Request, impact_of, per_token_latency_s, qos,
 };
 
 use crate::catalogue::Catalogue;
@@ -89,6 +89,13 @@ pub struct Simulation {
     clock_s: f64,
     qos_since_decision: f64,
     invalid_decisions: u64,
+    /// The router's book of each expert (what a router could know), from which the cluster
+    /// state is built exactly as the daemon builds it.
+    ledgers: Vec<ExpertLedger>,
+    /// The arrivals shown to the policy so far (a bounded window).
+    arrivals: ArrivalWindow,
+    /// Scratch: tokens generated so far per request, filled at each snapshot.
+    generated_now: Vec<u32>,
     state: ClusterState,
     arriving: ArrivingRequest,
     events: Vec<EngineEvent>,
@@ -131,6 +138,7 @@ impl Simulation {
                     task: w.task,
                     prompt_tokens: w.prompt_tokens,
                     slo_s_per_token: catalogue.slo.slo_s_per_token(w.task),
+                    max_output_tokens: None,
                 },
                 true_output_tokens: w.output_tokens.max(1),
                 routed_to: None,
@@ -151,6 +159,12 @@ impl Simulation {
             workload_spec: workload.spec.clone(),
             seed,
             engines: profiles.iter().cloned().map(ExpertEngine::new).collect(),
+            ledgers: profiles
+                .iter()
+                .map(|p| ExpertLedger::new(p.max_slots, 0.0))
+                .collect(),
+            arrivals: ArrivalWindow::default(),
+            generated_now: vec![0; records.len()],
             true_quality,
             predicted_output: vec![0.0; records.len()],
             predicted_quality: vec![0.0; records.len()],
@@ -175,6 +189,7 @@ impl Simulation {
                     task: qosroute_core::Task::Chat,
                     prompt_tokens: 0,
                     slo_s_per_token: 1.0,
+                    max_output_tokens: None,
                 },
                 predictions: Vec::with_capacity(n_experts),
             },
@@ -207,14 +222,7 @@ impl Simulation {
     /// Processes every engine event up to and including `until_s`, in time order.
     fn advance_to(&mut self, until_s: f64) -> Result<(), SimError> {
         loop {
-            let next = self
-                .engines
-                .iter()
-                .enumerate()
-                .filter_map(|(e, eng)| eng.next_event_s().map(|t| (e, t)))
-                .filter(|&(_, t)| t <= until_s)
-                .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-            let Some((e, t)) = next else {
+            let Some((e, t)) = qosroute_core::engine::next_event(&self.engines, until_s) else {
                 return Ok(());
             };
             if t < self.clock_s {
@@ -254,15 +262,19 @@ impl Simulation {
                 let (task, quality) = (r.request.task, r.quality);
                 self.predictors.output.observe(task, output_tokens);
                 self.predictors.quality.observe(e, task, quality);
+                self.ledgers[e].finish(idx as u64, at_s);
             }
         }
     }
 
-    /// Advances to the next arrival and returns the state and the request to decide on, or
-    /// `None` when every request has been decided.
-    pub fn next_decision(&mut self) -> Result<Option<(&ClusterState, &ArrivingRequest)>, SimError> {
+    /// Advances to the next arrival and returns the state, the request to decide on and what
+    /// the router has observed, or `None` when every request has been decided.
+    #[allow(clippy::type_complexity)]
+    pub fn next_decision(
+        &mut self,
+    ) -> Result<Option<(&ClusterState, &ArrivingRequest, Observed<'_>)>, SimError> {
         if self.pending {
-            return Ok(Some((&self.state, &self.arriving)));
+            return Ok(Some((&self.state, &self.arriving, self.observed())));
         }
         let Some(record) = self.records.get(self.next_arrival) else {
             return Ok(None);
@@ -274,45 +286,39 @@ impl Simulation {
         self.arriving.request = request;
         self.predictors
             .predict_into(request.task, &mut self.arriving.predictions);
+        self.arrivals.observe(&request);
         self.pending = true;
-        Ok(Some((&self.state, &self.arriving)))
+        Ok(Some((&self.state, &self.arriving, self.observed())))
     }
 
-    /// Rebuilds the cluster state as of `now_s` (no engine event pending before it).
+    /// What the router has observed: its predictors and the arrivals so far.
+    fn observed(&self) -> Observed<'_> {
+        Observed {
+            lengths: &self.predictors,
+            quality: &self.predictors,
+            arrivals: &self.arrivals,
+        }
+    }
+
+    /// Rebuilds the cluster state as of `now_s` (no engine event pending before it): the
+    /// tokens each request has streamed back so far go into the router's ledgers, and the
+    /// ledgers give the state ([`ExpertLedger::fill_expert_state`], as in the daemon).
     fn snapshot(&mut self, now_s: f64) {
         self.state.now_s = now_s;
-        for (engine, expert) in self.engines.iter().zip(&mut self.state.experts) {
-            expert.running.clear();
-            expert.waiting.clear();
-            expert.up = true;
-            expert.utilisation = if now_s > 0.0 {
-                (engine.busy_s(now_s) / now_s).min(1.0)
-            } else {
-                0.0
-            };
-            let (records, p_out, p_q) = (
-                &self.records,
-                &self.predicted_output,
-                &self.predicted_quality,
-            );
-            engine.for_each_job(now_s, |job: &Job, admitted| {
-                let r = &records[job.idx].request;
-                let in_flight = InFlight {
-                    id: r.id,
-                    task: r.task,
-                    prompt_tokens: r.prompt_tokens,
-                    predicted_output_tokens: p_out[job.idx],
-                    generated_tokens: job.generated_tokens,
-                    elapsed_s: now_s - r.arrival_s,
-                    predicted_quality: p_q[job.idx],
-                    slo_s_per_token: r.slo_s_per_token,
-                };
-                if admitted {
-                    expert.running.push(in_flight);
-                } else {
-                    expert.waiting.push(in_flight);
-                }
+        for ((engine, ledger), expert) in self
+            .engines
+            .iter()
+            .zip(&mut self.ledgers)
+            .zip(&mut self.state.experts)
+        {
+            let generated = &mut self.generated_now;
+            engine.for_each_job(now_s, |job: &Job, _admitted| {
+                generated[job.idx] = job.generated_tokens;
             });
+            for entry in ledger.entries_mut() {
+                entry.generated_tokens = generated[entry.id as usize];
+            }
+            ledger.fill_expert_state(expert, true, now_s, 0);
         }
     }
 
@@ -358,6 +364,23 @@ impl Simulation {
         .predicted_qos_destroyed;
         self.predicted_output[idx] = prediction.output_tokens;
         self.predicted_quality[idx] = prediction.quality;
+        self.ledgers[e].dispatch(
+            LedgerEntry {
+                id: request.id,
+                task: request.task,
+                prompt_tokens: request.prompt_tokens,
+                predicted_output_tokens: prediction.output_tokens,
+                predicted_quality: prediction.quality,
+                slo_s_per_token: request.slo_s_per_token,
+                max_output_tokens: request.max_output_tokens,
+                arrived_s: request.arrival_s,
+                dispatched_s: request.arrival_s,
+                slot_since_s: None,
+                first_token_s: None,
+                generated_tokens: 0,
+            },
+            request.arrival_s,
+        );
         let n_experts = self.engines.len();
         let record = &mut self.records[idx];
         record.quality = f64::from(self.true_quality[idx * n_experts + e]);
@@ -378,8 +401,8 @@ impl Simulation {
 
     /// Runs every remaining request through `policy` and drains the experts.
     pub fn run(mut self, policy: &mut dyn Policy) -> Result<RunReport, SimError> {
-        while let Some((state, arriving)) = self.next_decision()? {
-            let decision = policy.decide(state, arriving);
+        while let Some((state, arriving, observed)) = self.next_decision()? {
+            let decision = policy.decide(state, arriving, &observed);
             self.apply(decision)?;
         }
         self.finish(policy.name())

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use qosroute_core::baselines::QosGreedy;
 use qosroute_core::{
-    Decision, EncodedState, ExpertProfile, Policy, SimRng, encode_state,
+    Decision, EncodedState, ExpertProfile, SimRng, encode_state,
     encoder::{EXPERT_FEATURES, IN_FLIGHT_FEATURES, REQUEST_FEATURES},
 };
 
@@ -265,6 +265,7 @@ struct Slot {
     encoded: EncodedState,
     /// qos-greedy's decision in the current state.
     teacher: Decision,
+    greedy: QosGreedy,
     finished: bool,
 }
 
@@ -308,6 +309,7 @@ impl VecEnv {
                 sim,
                 encoded: EncodedState::default(),
                 teacher: Decision::Reject,
+                greedy: QosGreedy::default(),
                 finished: false,
             });
         }
@@ -349,9 +351,9 @@ impl VecEnv {
             let Some(sim) = slot.sim.as_mut() else {
                 return Ok(ended);
             };
-            if let Some((state, arriving)) = sim.next_decision()? {
+            if let Some((state, arriving, _observed)) = sim.next_decision()? {
                 encode_state(state, arriving, &mut slot.encoded);
-                slot.teacher = QosGreedy.decide(state, arriving);
+                slot.teacher = slot.greedy.choose(state, arriving).0;
                 return Ok(ended);
             }
             let Some(mut sim) = slot.sim.take() else {
@@ -552,8 +554,8 @@ mod tests {
         let mut steps = 0;
         while !env.all_finished() {
             env.observe(&mut obs);
-            let (state, arriving) = direct.next_decision().unwrap().unwrap();
-            let d = qosroute_core::Policy::decide(&mut policy, state, arriving);
+            let (state, arriving, observed) = direct.next_decision().unwrap().unwrap();
+            let d = qosroute_core::Policy::decide(&mut policy, state, arriving, &observed);
             let action = match d {
                 Decision::Route(e) => e as i64,
                 Decision::Reject => obs.experts as i64,

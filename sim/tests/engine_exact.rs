@@ -142,6 +142,7 @@ fn profile_strategy() -> impl Strategy<Value = ExpertProfile> {
             kv_tokens: kv,
             latency: LatencyModel {
                 prefill_tok_s: pf,
+                prefill_overhead_s: 0.0,
                 decode_t0_s: t0,
                 decode_d_s_per_seq: d,
                 decode_e_s_per_ctx_token: e,

@@ -22,6 +22,7 @@ fn expert(i: usize, (slots, kv, pf, t0, d, e): Coefficients, model: &str) -> Exp
         kv_tokens: kv,
         latency: LatencyModel {
             prefill_tok_s: pf,
+            prefill_overhead_s: 0.0,
             decode_t0_s: t0,
             decode_d_s_per_seq: d,
             decode_e_s_per_ctx_token: e,
@@ -88,8 +89,8 @@ proptest! {
         let sim = Simulation::new(&catalogue, quality(), &workload, seed).unwrap();
         // Keep the records: run by hand so they can be inspected after the run.
         let mut sim = sim.with_audit(true);
-        while let Some((state, arriving)) = sim.next_decision().unwrap() {
-            let d = p.decide(state, arriving);
+        while let Some((state, arriving, observed)) = sim.next_decision().unwrap() {
+            let d = p.decide(state, arriving, &observed);
             let step = sim.apply(d).unwrap();
             prop_assert!(!step.invalid, "{} made an invalid decision", BASELINE_NAMES[policy]);
         }

@@ -24,8 +24,8 @@ fn azure_conv_hour_replays_with_invariants_for_each_load_policy() {
     for name in ["least-loaded", "qos-greedy"] {
         let mut p = baseline(name, 1).unwrap();
         let mut sim = Simulation::new(&c, &q, &w, 1).unwrap().with_audit(true);
-        while let Some((s, a)) = sim.next_decision().unwrap() {
-            let d = p.decide(s, a);
+        while let Some((s, a, o)) = sim.next_decision().unwrap() {
+            let d = p.decide(s, a, &o);
             assert!(!sim.apply(d).unwrap().invalid);
         }
         sim.drain().unwrap();

@@ -28,6 +28,7 @@ pub fn profile(slots: u32, kv_tokens: u64, latency: LatencyModel) -> Arc<ExpertP
 pub fn slow_latency() -> LatencyModel {
     LatencyModel {
         prefill_tok_s: 2000.0,
+        prefill_overhead_s: 0.0,
         decode_t0_s: 0.05,
         decode_d_s_per_seq: 0.004,
         decode_e_s_per_ctx_token: 2e-5,

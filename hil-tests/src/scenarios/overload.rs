@@ -43,6 +43,7 @@ fn profile(name: &str) -> ExpertProfile {
         kv_tokens: 100_000,
         latency: LatencyModel {
             prefill_tok_s: 5_000.0,
+            prefill_overhead_s: 0.0,
             decode_t0_s: 0.04,
             decode_d_s_per_seq: 0.002,
             decode_e_s_per_ctx_token: 4e-8,

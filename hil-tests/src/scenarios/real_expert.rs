@@ -111,6 +111,7 @@ fn exported_model(metrics: &str) -> Option<LatencyModel> {
     };
     Some(LatencyModel {
         prefill_tok_s: value("qosroute_expert_prefill_tokens_per_second")?,
+        prefill_overhead_s: 0.0,
         decode_t0_s: value("qosroute_expert_decode_t0_seconds")?,
         decode_d_s_per_seq: value("qosroute_expert_decode_d_seconds_per_sequence")?,
         decode_e_s_per_ctx_token: value("qosroute_expert_decode_e_seconds_per_context_token")?,
@@ -190,6 +191,7 @@ pub async fn real_expert(scale: Scale) -> anyhow::Result<Report> {
     let reference_step = mean(before.iter().map(|m| m.step_s));
     let prior = LatencyModel {
         prefill_tok_s: f64::from(PROMPT) / reference_ttft * OPTIMISM,
+        prefill_overhead_s: 0.0,
         decode_t0_s: reference_step / OPTIMISM,
         decode_d_s_per_seq: 0.0,
         decode_e_s_per_ctx_token: 0.0,

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use qosroute_core::{ArrivingRequest, ClusterState, Decision, Policy};
+use qosroute_core::{ArrivingRequest, ClusterState, Decision, Observed, Policy};
 use qosroute_sim::{Catalogue, RunReport, SimError, Simulation};
 
 pub fn repo(path: &str) -> PathBuf {
@@ -21,7 +21,7 @@ pub fn catalogue(name: &str) -> Catalogue {
 pub fn run_checked(sim: Simulation, policy: &mut dyn Policy) -> Result<RunReport, SimError> {
     let mut sim = sim.with_audit(true);
     let mut last_now = f64::NEG_INFINITY;
-    while let Some((state, arriving)) = sim.next_decision()? {
+    while let Some((state, arriving, observed)) = sim.next_decision()? {
         assert!(
             state.now_s >= last_now,
             "time went back: {} < {last_now}",
@@ -33,7 +33,7 @@ pub fn run_checked(sim: Simulation, policy: &mut dyn Policy) -> Result<RunReport
             assert!(e.running.len() <= e.profile.max_slots as usize);
             assert!(e.kv_used_tokens() <= e.profile.kv_tokens);
         }
-        let decision = policy.decide(state, arriving);
+        let decision = policy.decide(state, arriving, &observed);
         sim.apply(decision)?;
     }
     sim.finish(policy.name())
@@ -83,8 +83,13 @@ impl<P: Policy> Policy for Recording<P> {
     fn name(&self) -> &str {
         self.inner.name()
     }
-    fn decide(&mut self, state: &ClusterState, arriving: &ArrivingRequest) -> Decision {
+    fn decide(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        observed: &Observed<'_>,
+    ) -> Decision {
         self.seen.push(arriving.clone());
-        self.inner.decide(state, arriving)
+        self.inner.decide(state, arriving, observed)
     }
 }
