@@ -7,13 +7,16 @@
 //!    template's overhead, so later prompts can be sized in real tokens of this server;
 //! 2. **prefill and decode at concurrency 1**: every `--prompt-tokens` length, `--repetitions`
 //!    times, one request at a time. The time to first token against the prompt length gives
-//!    `prefill_tok_s` (least squares of the relative error through the origin, the form the
-//!    simulator uses: TTFT = p / prefill_tok_s); the mean inter-token time against the mean
-//!    context (prompt + half the answer) gives `decode_t0_s` and `decode_e_s_per_ctx_token`;
+//!    `prefill_overhead_s` and `prefill_tok_s` (least absolute deviations of
+//!    `TTFT = a + p / r`, robust to a stalled request; when that fit is unusable, a negative
+//!    `a` or a rate that is not positive, overhead 0 and the proportional fit
+//!    `TTFT = p / r`, all prompt tokens over all TTFTs, said so in the header); the mean inter-token time against the mean context (prompt + half the answer)
+//!    gives `decode_t0_s` and `decode_e_s_per_ctx_token`;
 //! 3. **concurrency**: every `--concurrency` level, `--repetitions` times, that many requests
 //!    at once. The peak number of answers being decoded at the same moment is the concurrency
 //!    limit the server shows (`max_slots`); the inter-token time of overlapping answers (with
-//!    the prefill stalls of answers admitted meanwhile taken out) against the time-averaged
+//!    the prefill stalls of answers admitted meanwhile taken out, as the simulator adds them:
+//!    the overhead once per prefill iteration, `p / r` per prompt) against the time-averaged
 //!    batch size gives `decode_d_s_per_seq`.
 //!
 //! Every prompt starts with a unique tag, so no server can reuse a cached prefix across the
@@ -688,7 +691,11 @@ pub(crate) async fn profile(args: &ProfileArgs) -> anyhow::Result<ProfileOutcome
                 })
                 .collect();
             peak = peak.max(fit::peak_overlap(&intervals));
-            concurrency_points.extend(fit::batch_points(&intervals, prefill.prefill_tok_s));
+            concurrency_points.extend(fit::batch_points(
+                &intervals,
+                prefill.stall_model(),
+                decode.t0_s / 2.0,
+            ));
             ttfts.extend(b.iter().filter_map(Measurement::ttft_s));
             itls.extend(intervals.iter().map(|i| i.inter_token_s));
             let tokens: f64 = b
@@ -763,6 +770,7 @@ pub(crate) async fn profile(args: &ProfileArgs) -> anyhow::Result<ProfileOutcome
         kv_tokens,
         latency: LatencyModel {
             prefill_tok_s: fit.prefill.prefill_tok_s,
+            prefill_overhead_s: fit.prefill.overhead_s,
             decode_t0_s: fit.decode.t0_s,
             decode_d_s_per_seq: fit.concurrency.d_s_per_seq,
             decode_e_s_per_ctx_token: fit.decode.e_s_per_ctx_token,
@@ -863,17 +871,40 @@ pub(crate) fn profile_toml(outcome: &ProfileOutcome) -> anyhow::Result<String> {
         head,
         "# Fit (MAPE = mean absolute percentage error of the fitted term on its own measurements):"
     );
-    let _ = writeln!(
-        head,
-        "#   prefill_tok_s            TTFT = p / prefill_tok_s (all prompt tokens / all TTFTs), concurrency 1, {} points: MAPE {} (relative-error fit: {:.0} tok/s, MAPE {}; affine fit: {:.4} s + p / {:.0} tok/s, MAPE {})",
-        f.prefill.points,
-        pct(f.prefill.mape),
-        f.prefill.relative_tok_s,
-        pct(f.prefill.relative_mape),
-        f.prefill.affine_intercept_s,
-        f.prefill.affine_tok_s,
-        pct(f.prefill.affine_mape)
+    let pf = &f.prefill;
+    let proportional = format!(
+        "proportional fit p / {:.0} tok/s (all prompt tokens / all TTFTs), MAPE {}; relative-error fit p / {:.0} tok/s, MAPE {}",
+        pf.proportional_tok_s,
+        pct(pf.proportional_mape),
+        pf.relative_tok_s,
+        pct(pf.relative_mape)
     );
+    match pf.fallback {
+        None => {
+            let _ = writeln!(
+                head,
+                "#   prefill_overhead_s/tok_s TTFT = a + p / r (least absolute deviations), concurrency 1, {} points: {:.4} s + p / {:.0} tok/s, MAPE {} ({proportional})",
+                pf.points,
+                pf.overhead_s,
+                pf.prefill_tok_s,
+                pct(pf.mape)
+            );
+        }
+        Some(why) => {
+            let _ = writeln!(
+                head,
+                "#   prefill_overhead_s/tok_s TTFT = p / r (all prompt tokens / all TTFTs), overhead 0, concurrency 1, {} points: p / {:.0} tok/s, MAPE {}: the affine fit a + p / r ({:.4} s + p / {:.0} tok/s, MAPE {}) is not written: {why} (relative-error fit p / {:.0} tok/s, MAPE {})",
+                pf.points,
+                pf.prefill_tok_s,
+                pct(pf.mape),
+                pf.affine_intercept_s,
+                pf.affine_tok_s,
+                pct(pf.affine_mape),
+                pf.relative_tok_s,
+                pct(pf.relative_mape)
+            );
+        }
+    }
     let _ = writeln!(
         head,
         "#   decode_t0_s, decode_e    inter-token time = t0 + e * context, concurrency 1, {} points: MAPE {}{}",
@@ -966,10 +997,15 @@ fn print_summary(outcome: &ProfileOutcome) {
     let l = &outcome.profile.latency;
     let f = &outcome.fit;
     eprintln!(
-        "{}: prefill {:.0} tok/s (MAPE {}), t0 {:.5} s, e {:.3e} s/token (MAPE {}), d {:.5} s/seq (MAPE {}), max_slots {}, kv_tokens {}",
+        "{}: prefill {:.4} s + p / {:.0} tok/s (MAPE {}{}), t0 {:.5} s, e {:.3e} s/token (MAPE {}), d {:.5} s/seq (MAPE {}), max_slots {}, kv_tokens {}",
         outcome.profile.name,
+        l.prefill_overhead_s,
         l.prefill_tok_s,
         pct(f.prefill.mape),
+        match f.prefill.fallback {
+            Some(why) => format!("; affine fit not used: {why}"),
+            None => String::new(),
+        },
         l.decode_t0_s,
         l.decode_e_s_per_ctx_token,
         pct(f.decode.mape),
@@ -1036,27 +1072,75 @@ pub(crate) mod fit {
         Some((my - b * mx, b))
     }
 
+    /// Least absolute deviations `y = a + b x` (the median line): the line through two of
+    /// the points with distinct x that minimises the sum of absolute residuals (an L1 line fit
+    /// always has an optimum through two points, so trying every pair is exact; O(n^3), fine
+    /// for the hundreds of points a profile run makes). `None` with fewer than two distinct x.
+    /// Unlike least squares, one stalled measurement among the repetitions does not move it.
+    pub(crate) fn lad(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+        let mut best: Option<(f64, f64, f64)> = None;
+        for (i, &(x1, y1)) in points.iter().enumerate() {
+            for &(x2, y2) in &points[i + 1..] {
+                if x1 == x2 {
+                    continue;
+                }
+                let b = (y2 - y1) / (x2 - x1);
+                let a = y1 - b * x1;
+                let cost: f64 = points.iter().map(|&(x, y)| (y - a - b * x).abs()).sum();
+                if cost.is_finite() && best.is_none_or(|(_, _, c)| cost < c) {
+                    best = Some((a, b, cost));
+                }
+            }
+        }
+        best.map(|(a, b, _)| (a, b))
+    }
+
     /// The prefill fit.
     #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
     pub(crate) struct PrefillFit {
-        /// Tokens per second of `TTFT = p / prefill_tok_s` (the simulator's form): all the
-        /// profiled prompt tokens over all their TTFTs, so the model's total prefill time of the
-        /// profiled prompts is the measured one (what a queue of such prompts sees).
+        /// The fit written, `TTFT = overhead_s + p / prefill_tok_s` (the model's form): the
+        /// affine fit, or overhead 0 and the proportional fit when the affine one is unusable
+        /// (`fallback` says why).
+        pub(crate) overhead_s: f64,
         pub(crate) prefill_tok_s: f64,
+        /// MAPE of the fit written.
         pub(crate) mape: f64,
+        /// Why the affine fit was not written (`None`: it was).
+        pub(crate) fallback: Option<&'static str>,
+        /// The proportional fit `TTFT = p / r`: all the profiled prompt tokens over all their
+        /// TTFTs, so its total prefill time of the profiled prompts is the measured one (what a
+        /// queue of such prompts sees). For comparison, and the fallback.
+        pub(crate) proportional_tok_s: f64,
+        pub(crate) proportional_mape: f64,
         /// The same form fitted to minimise the squared relative error instead, for the record
         /// (it follows the short prompts, whose TTFT carries the fixed costs).
         pub(crate) relative_tok_s: f64,
         pub(crate) relative_mape: f64,
-        /// The affine fit `TTFT = a + p / r`, for the record.
+        /// The affine fit `TTFT = a + p / r` (least absolute deviations) as fitted, usable or
+        /// not.
         pub(crate) affine_intercept_s: f64,
         pub(crate) affine_tok_s: f64,
         pub(crate) affine_mape: f64,
         pub(crate) points: usize,
     }
 
-    /// Fits `ttft = p / r` to `(p, ttft)` points: `r = sum p / sum ttft`; also the
-    /// relative-error fit (minimising `sum ((p k - y) / y)^2`) and the affine fit.
+    impl PrefillFit {
+        /// The prefill written, as the stalls it puts into other answers' decoding.
+        pub(crate) fn stall_model(&self) -> PrefillStall {
+            PrefillStall {
+                overhead_s: self.overhead_s,
+                tok_s: self.prefill_tok_s,
+            }
+        }
+    }
+
+    /// Fits `ttft = a + p / r` to `(p, ttft)` points (least absolute deviations: the TTFT a
+    /// typical request sees, which one stalled request does not move; least squares on the
+    /// emulator's 8 points, of which one was 92 ms late, gave `a` = 22 ms instead of 2.5 ms
+    /// and a rate 20 % high) and writes it unless `a < 0` or the rate is not positive and finite
+    /// (then overhead 0 and the proportional fit `r = sum p / sum ttft`); also the
+    /// relative-error fit through the origin (minimising `sum ((p k - y) / y)^2`), for the
+    /// record.
     pub(crate) fn prefill(points: &[(f64, f64)]) -> Option<PrefillFit> {
         let usable: Vec<(f64, f64)> = points
             .iter()
@@ -1074,15 +1158,34 @@ pub(crate) mod fit {
             return None;
         }
         let mape_k = mape(usable.iter().map(|&(p, y)| (p * k, y)));
-        let (a, b) = ols(&usable).unwrap_or((0.0, k));
+        let affine = lad(&usable);
+        let (a, b) = affine.unwrap_or((0.0, k));
         let affine_mape = mape(usable.iter().map(|&(p, y)| (a + b * p, y)));
+        let affine_tok_s = if b > 0.0 { 1.0 / b } else { f64::INFINITY };
+        let fallback = if affine.is_none() {
+            Some("one prompt length only")
+        } else if !(a.is_finite() && affine_tok_s.is_finite() && affine_tok_s > 0.0) {
+            Some("its rate is not positive and finite")
+        } else if a < 0.0 {
+            Some("its overhead is negative")
+        } else {
+            None
+        };
+        let (overhead_s, prefill_tok_s, written_mape) = match fallback {
+            None => (a, affine_tok_s, affine_mape),
+            Some(_) => (0.0, 1.0 / k, mape_k),
+        };
         Some(PrefillFit {
-            prefill_tok_s: 1.0 / k,
-            mape: mape_k,
+            overhead_s,
+            prefill_tok_s,
+            mape: written_mape,
+            fallback,
+            proportional_tok_s: 1.0 / k,
+            proportional_mape: mape_k,
             relative_tok_s: 1.0 / k_relative,
             relative_mape: mape(usable.iter().map(|&(p, y)| (p * k_relative, y))),
             affine_intercept_s: a,
-            affine_tok_s: if b > 0.0 { 1.0 / b } else { f64::INFINITY },
+            affine_tok_s,
             affine_mape,
             points: usable.len(),
         })
@@ -1171,12 +1274,22 @@ pub(crate) mod fit {
         pub(crate) inter_token_s: f64,
     }
 
+    /// How long a prefill iteration stalls the answers decoding: `overhead_s` once per
+    /// iteration plus `p / tok_s` per prompt in it (the simulator's model).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub(crate) struct PrefillStall {
+        pub(crate) overhead_s: f64,
+        pub(crate) tok_s: f64,
+    }
+
     /// Samples each interval at 64 points: mean batch and context around it, and its
-    /// inter-token time without the prefills (p / prefill_tok_s) of answers whose first token
-    /// came inside it.
+    /// inter-token time without the prefills of answers whose first token came inside it.
+    /// First tokens less than `same_iteration_s` apart count as one prefill iteration (they
+    /// pay `prefill.overhead_s` once): two iterations are at least a decode step apart.
     pub(crate) fn batch_points(
         intervals: &[DecodeInterval],
-        prefill_tok_s: f64,
+        prefill: PrefillStall,
+        same_iteration_s: f64,
     ) -> Vec<BatchPoint> {
         const SAMPLES: usize = 64;
         intervals
@@ -1197,11 +1310,21 @@ pub(crate) mod fit {
                         }
                     }
                 }
-                let stalls: f64 = intervals
+                let mut admitted: Vec<&DecodeInterval> = intervals
                     .iter()
                     .filter(|o| o.first_s > me.first_s && o.first_s < me.last_s)
-                    .map(|o| o.prompt_tokens / prefill_tok_s)
-                    .sum();
+                    .collect();
+                admitted.sort_by(|a, b| a.first_s.total_cmp(&b.first_s));
+                let iterations = admitted
+                    .windows(2)
+                    .filter(|w| w[1].first_s - w[0].first_s >= same_iteration_s)
+                    .count()
+                    + usize::from(!admitted.is_empty());
+                let stalls = prefill.overhead_s * iterations as f64
+                    + admitted
+                        .iter()
+                        .map(|o| o.prompt_tokens / prefill.tok_s)
+                        .sum::<f64>();
                 let steps = me.output_tokens - 1.0;
                 let clean = ((span - stalls) / steps).max(span / steps * 0.05);
                 Some(BatchPoint {
@@ -1276,9 +1399,13 @@ mod tests {
             .collect();
         let f = prefill(&points).unwrap();
         assert!((f.prefill_tok_s / 850.0 - 1.0).abs() < 0.03, "{f:?}");
+        assert!((f.proportional_tok_s / 850.0 - 1.0).abs() < 0.03, "{f:?}");
         assert!((f.relative_tok_s / 850.0 - 1.0).abs() < 0.03, "{f:?}");
         assert!(f.mape < 0.05, "{f:?}");
         assert!(f.affine_intercept_s.abs() < 0.05, "{f:?}");
+        // Whichever is written (the affine fit, or the proportional one if noise made the
+        // intercept negative), the overhead is small and never negative.
+        assert!((0.0..0.05).contains(&f.overhead_s), "{f:?}");
         assert_eq!(f.points, 15);
         assert!(prefill(&[]).is_none());
         assert!(prefill(&[(0.0, 1.0), (10.0, -1.0)]).is_none());
@@ -1295,11 +1422,62 @@ mod tests {
         assert!((f.affine_intercept_s - 0.05).abs() < 1e-9);
         assert!((f.affine_tok_s - 1000.0).abs() < 1e-6);
         assert!(f.affine_mape < 1e-9);
-        assert!(f.mape > 0.05);
+        // The affine fit is the one written.
+        assert_eq!(f.fallback, None);
+        assert!((f.overhead_s - 0.05).abs() < 1e-9, "{f:?}");
+        assert!((f.prefill_tok_s - 1000.0).abs() < 1e-6, "{f:?}");
+        assert!(f.mape < 1e-9);
+        assert!(f.proportional_mape > 0.05);
         // All tokens over all TTFTs: 2100 / (3 * 0.05 + 2.1).
-        assert!((f.prefill_tok_s - 2100.0 / 2.25).abs() < 1e-9, "{f:?}");
+        assert!((f.proportional_tok_s - 2100.0 / 2.25).abs() < 1e-9, "{f:?}");
         // The relative fit follows the short prompt's fixed cost more.
-        assert!(f.relative_tok_s < f.prefill_tok_s, "{f:?}");
+        assert!(f.relative_tok_s < f.proportional_tok_s, "{f:?}");
+    }
+
+    #[test]
+    fn one_stalled_request_does_not_move_the_affine_fit() {
+        // 2 ms + p / 20,000 at four lengths twice, one of them 92 ms late (as measured on the
+        // emulator on a loaded machine): the seven others are on the line, which is the least
+        // absolute deviations fit (least squares: 22 ms + p / 23,900).
+        let mut points: Vec<(f64, f64)> = [64.0, 512.0, 1024.0, 2048.0]
+            .iter()
+            .flat_map(|&p| [p, p])
+            .map(|p| (p, 0.002 + p / 20_000.0))
+            .collect();
+        points[3].1 += 0.092;
+        let f = prefill(&points).unwrap();
+        assert_eq!(f.fallback, None);
+        assert!((f.overhead_s - 0.002).abs() < 1e-12, "{f:?}");
+        assert!((f.prefill_tok_s - 20_000.0).abs() < 1e-6, "{f:?}");
+        let (a, b) = ols(&points).unwrap();
+        assert!(a > 0.015 && 1.0 / b > 23_000.0, "{a} {b}");
+        assert_eq!(lad(&[(1.0, 1.0), (1.0, 2.0)]), None);
+    }
+
+    #[test]
+    fn a_negative_intercept_falls_back_to_the_proportional_fit() {
+        // Short prompts cheaper than proportional (a prefix cache, say): TTFT = -0.02 + p / 1000
+        // fits exactly but predicts nonsense below 20 tokens. Overhead 0, all tokens over all
+        // TTFTs instead: 2100 / (2.1 - 3 * 0.02).
+        let points: Vec<(f64, f64)> = [100.0, 400.0, 1600.0]
+            .iter()
+            .map(|&p| (p, -0.02 + p / 1000.0))
+            .collect();
+        let f = prefill(&points).unwrap();
+        assert!((f.affine_intercept_s + 0.02).abs() < 1e-9, "{f:?}");
+        assert_eq!(f.fallback, Some("its overhead is negative"));
+        assert_eq!(f.overhead_s, 0.0);
+        assert!((f.prefill_tok_s - 2100.0 / 2.04).abs() < 1e-9, "{f:?}");
+        assert_eq!(f.prefill_tok_s, f.proportional_tok_s);
+        assert_eq!(f.mape, f.proportional_mape);
+        // TTFT falling with the prompt: no usable rate either.
+        let f = prefill(&[(100.0, 0.3), (1000.0, 0.2)]).unwrap();
+        assert_eq!(f.fallback, Some("its rate is not positive and finite"));
+        assert_eq!(f.overhead_s, 0.0);
+        // One length only: no affine fit at all.
+        let f = prefill(&[(100.0, 0.3), (100.0, 0.2)]).unwrap();
+        assert_eq!(f.fallback, Some("one prompt length only"));
+        assert!((f.prefill_tok_s - 200.0 / 0.5).abs() < 1e-9, "{f:?}");
     }
 
     #[test]
@@ -1375,7 +1553,11 @@ mod tests {
                     inter_token_s: itl,
                 })
                 .collect();
-            points.extend(batch_points(&batch, 1e9));
+            let no_stall = PrefillStall {
+                overhead_s: 0.0,
+                tok_s: 1e9,
+            };
+            points.extend(batch_points(&batch, no_stall, 0.005));
         }
         let f = concurrency(&points, t0, e);
         assert!((f.d_s_per_seq / d - 1.0).abs() < 0.1, "{f:?}");
@@ -1390,14 +1572,46 @@ mod tests {
         let a = interval(0.0, 1.1, 11.0);
         let mut b = interval(0.5, 0.9, 5.0);
         b.prompt_tokens = 500.0;
-        let pts = batch_points(&[a, b], 5000.0);
+        let rate_only = PrefillStall {
+            overhead_s: 0.0,
+            tok_s: 5000.0,
+        };
+        let pts = batch_points(&[a, b], rate_only, 0.005);
         assert!((pts[0].inter_token_s - 0.1).abs() < 1e-9, "{pts:?}");
         assert!(pts[0].batch > 1.3 && pts[0].batch < 1.4, "{pts:?}");
+        // With an overhead of 0.05 s per iteration: two answers admitted in one iteration
+        // (first tokens 1 ms apart) and one in another stall the first by 2 * 0.05 s + 3 *
+        // 500 tokens / 5000 tok/s = 0.4 s, out of 1.1 + 0.4 s over 10 steps.
+        let a = interval(0.0, 1.5, 11.0);
+        let mut admitted = [
+            interval(0.5, 0.9, 5.0),
+            interval(0.501, 0.9, 5.0),
+            interval(1.0, 1.4, 5.0),
+        ];
+        for o in &mut admitted {
+            o.prompt_tokens = 500.0;
+        }
+        let with_overhead = PrefillStall {
+            overhead_s: 0.05,
+            tok_s: 5000.0,
+        };
+        let mut all = vec![a];
+        all.extend(admitted);
+        let pts = batch_points(&all, with_overhead, 0.005);
+        assert!((pts[0].inter_token_s - 0.11).abs() < 1e-9, "{pts:?}");
     }
 
     #[test]
     fn without_overlap_d_is_zero_and_not_identifiable() {
-        let pts = batch_points(&[interval(0.0, 1.0, 10.0), interval(1.0, 2.0, 10.0)], 1e3);
+        let stall = PrefillStall {
+            overhead_s: 0.01,
+            tok_s: 1e3,
+        };
+        let pts = batch_points(
+            &[interval(0.0, 1.0, 10.0), interval(1.0, 2.0, 10.0)],
+            stall,
+            0.005,
+        );
         let f = concurrency(&pts, 0.1, 0.0);
         assert_eq!(f.points, 0);
         assert_eq!(f.d_s_per_seq, 0.0);

@@ -172,6 +172,7 @@ pub fn encode_state(state: &ClusterState, arriving: &ArrivingRequest, out: &mut 
             predicted_quality: prediction.quality,
             slo_s_per_token: request.slo_s_per_token,
         };
+        out.scratch.per_request = true;
         let impact = impact_of_with(expert, &candidate, &mut out.scratch);
         let eligible = state.is_eligible(e, request.prompt_tokens);
         let step = out.scratch.forecast.step_s;

@@ -134,12 +134,36 @@ impl Forecast {
         // and so delays everyone holding a slot then.
         let mut stall = prefill_ahead;
         let mut kv_used = 0.0;
-        for (i, r) in expert.running.iter().enumerate() {
-            let kv = r.context_tokens() as f64;
-            kv_used += kv;
+        for (r, finish) in expert.running.iter().zip(&mut self.running_finish_s) {
+            kv_used += r.context_tokens() as f64;
+            *finish = prefill_ahead + remaining_steps(r) * step;
+        }
+        let need = f64::from(prompt_tokens) + predicted_output_tokens.max(1.0);
+        if expert.waiting.is_empty()
+            && expert.running.len() < slots
+            && kv_used + need <= kv_capacity
+        {
+            // Nothing queued and room now: no slot changes hands before the new request
+            // starts, right after the prefill in progress.
+            self.new_admit_s = prefill_ahead;
+            self.new_batched_prefill_s = 0.0;
+            let still_there = self
+                .running_finish_s
+                .iter()
+                .filter(|&&f| f > prefill_ahead)
+                .count();
+            self.new_batch = (still_there + 1).min(slots);
+            return;
+        }
+        for (i, (r, &finish)) in expert
+            .running
+            .iter()
+            .zip(&self.running_finish_s)
+            .enumerate()
+        {
             self.heap.push(Holder {
-                base_s: remaining_steps(r) * step,
-                kv,
+                base_s: finish - stall,
+                kv: r.context_tokens() as f64,
                 tag: i as isize,
             });
         }
@@ -166,7 +190,6 @@ impl Forecast {
                 tag: !(j as isize),
             });
         }
-        let need = f64::from(prompt_tokens) + predicted_output_tokens.max(1.0);
         let at = self.admit(slots, kv_capacity, need, last_admit, stall, &mut kv_used);
         self.new_admit_s = at;
         self.new_batched_prefill_s = if at > last_admit || expert.waiting.is_empty() {

@@ -170,6 +170,9 @@ pub struct ImpactScratch {
     pub waiting_before: Vec<f64>,
     /// Its predicted increase with the action.
     pub waiting_increase: Vec<f64>,
+    /// Whether to keep the per-request predictions above (the totals are always computed);
+    /// off, they stay empty and the estimator is cheaper.
+    pub per_request: bool,
 }
 
 /// [`impact_of`], reusing `scratch`'s buffers and leaving the per-request predictions in it.
@@ -221,12 +224,15 @@ pub fn impact_of_with(
         }
         (before, increase)
     };
+    let keep = scratch.per_request;
     scratch.running_before.clear();
     scratch.running_increase.clear();
     for (r, &finish) in expert.running.iter().zip(&forecast.running_finish_s) {
         let (before, increase) = consider(r, finish, forecast.running_prefill_s);
-        scratch.running_before.push(before);
-        scratch.running_increase.push(increase);
+        if keep {
+            scratch.running_before.push(before);
+            scratch.running_increase.push(increase);
+        }
     }
     scratch.waiting_before.clear();
     scratch.waiting_increase.clear();
@@ -238,8 +244,10 @@ pub fn impact_of_with(
     {
         let prefill = latency.prefill_s(f64::from(w.prompt_tokens));
         let (before, increase) = consider(w, finish, admit + prefill);
-        scratch.waiting_before.push(before);
-        scratch.waiting_increase.push(increase);
+        if keep {
+            scratch.waiting_before.push(before);
+            scratch.waiting_increase.push(increase);
+        }
     }
     impact
 }
@@ -380,7 +388,10 @@ mod tests {
         assert!((wait - (90.0 * step + 7.2e-3)).abs() < 1e-12, "{wait}");
         // The request that finishes during the wait is not slowed at all; nor is the one
         // that frees the slot; the waiting one, admitted ahead, runs beside the new one.
-        let mut scratch = ImpactScratch::default();
+        let mut scratch = ImpactScratch {
+            per_request: true,
+            ..ImpactScratch::default()
+        };
         let impact = impact_of_with(
             &e,
             &Candidate {

@@ -21,6 +21,10 @@
 //! runs out it decides on the futures played so far if there are at least `min_futures`,
 //! else falls back to `qos-greedy`; [`PlannerStats`] counts both.
 //!
+//! Racing keeps the cost down: once every action has played `min_futures` futures, an action
+//! whose paired gain over `qos-greedy` is below zero by more than `drop_z` standard errors
+//! stops playing (it could not be chosen but by a long streak of luck).
+//!
 //! As a teacher (the learned router's expert iteration), [`QosPlanner::evaluate`] gives the
 //! value of every action, not only the choice.
 
@@ -52,8 +56,13 @@ pub struct PlannerConfig {
     /// Wall-clock budget of one decision (`budget_ms`); `None`: no budget, deterministic.
     pub budget: Option<Duration>,
     /// Futures needed to decide when the budget runs out; fewer: `qos-greedy` decides
-    /// (`min_futures`).
+    /// (`min_futures`). Also the futures every action plays before it may be dropped.
     pub min_futures: usize,
+    /// Racing: once an action has played `min_futures` futures, it stops playing when its
+    /// paired gain over `qos-greedy`'s choice is below zero by more than `drop_z` standard
+    /// errors (it could no longer be chosen but by a long streak of luck); 0 plays every
+    /// action to the end (`drop_z`).
+    pub drop_z: f64,
 }
 
 impl Default for PlannerConfig {
@@ -65,6 +74,7 @@ impl Default for PlannerConfig {
             noise_z: 1.0,
             budget: None,
             min_futures: 4,
+            drop_z: 2.0,
         }
     }
 }
@@ -80,7 +90,8 @@ pub struct InvalidPlannerSpec {
 }
 
 impl PlannerConfig {
-    /// Parses `qos-planner` or `qos-planner:k=16,h=20,window=256,z=1,budget_ms=5,min_futures=4`
+    /// Parses `qos-planner` or
+    /// `qos-planner:k=16,h=20,window=256,z=1,budget_ms=5,min_futures=4,drop_z=2`
     /// (any subset, any order; unnamed parameters keep their defaults).
     pub fn parse(spec: &str) -> Result<Self, InvalidPlannerSpec> {
         let bad = |problem: String| InvalidPlannerSpec {
@@ -91,6 +102,7 @@ impl PlannerConfig {
             .strip_prefix(PLANNER_NAME)
             .ok_or_else(|| bad(format!("must start with `{PLANNER_NAME}`")))?;
         let mut config = Self::default();
+        let mut min_futures_given = false;
         let params = match rest.strip_prefix(':') {
             Some(p) => p,
             None if rest.is_empty() => "",
@@ -122,13 +134,20 @@ impl PlannerConfig {
                     let ms = real()?;
                     config.budget = (ms > 0.0).then(|| Duration::from_secs_f64(ms / 1e3));
                 }
-                "min_futures" => config.min_futures = count()?,
+                "min_futures" => {
+                    config.min_futures = count()?;
+                    min_futures_given = true;
+                }
+                "drop_z" => config.drop_z = real()?,
                 other => {
                     return Err(bad(format!(
-                        "unknown parameter `{other}` (known: k, h, window, z, budget_ms, min_futures)"
+                        "unknown parameter `{other}` (known: k, h, window, z, budget_ms, min_futures, drop_z)"
                     )));
                 }
             }
+        }
+        if !min_futures_given {
+            config.min_futures = config.min_futures.min(config.futures);
         }
         config.validate().map_err(bad)?;
         Ok(config)
@@ -160,6 +179,8 @@ pub struct ActionValue {
     pub gain: f64,
     /// Standard error of that gain (0 with one future).
     pub gain_std_err: f64,
+    /// Futures it played (fewer than the others' when racing dropped it).
+    pub futures: usize,
 }
 
 /// What the planner found for one decision.
@@ -261,6 +282,7 @@ impl QosPlanner {
                     mean_qos: 0.0,
                     gain: 0.0,
                     gain_std_err: 0.0,
+                    futures: 0,
                 }),
         );
         self.stats.decisions += 1;
@@ -275,6 +297,13 @@ impl QosPlanner {
         }
         self.rollouts
             .prepare(state, arriving, observed, self.config.window);
+        let g = self
+            .evaluation
+            .actions
+            .iter()
+            .position(|a| a.decision == greedy)
+            .unwrap_or(n_actions - 1);
+        let mut live: Vec<bool> = vec![true; n_actions];
         for k in 0..self.config.futures {
             if let Some(budget) = self.config.budget
                 && k > 0
@@ -286,12 +315,25 @@ impl QosPlanner {
             self.rollouts
                 .sample_future(state, observed, self.config.horizon, &mut self.rng);
             for (a, action) in self.evaluation.actions.iter().enumerate() {
-                let score = self
-                    .rollouts
-                    .play(state, arriving, observed, action.decision);
-                self.scores[a].push(score);
+                if live[a] {
+                    let score = self
+                        .rollouts
+                        .play(state, arriving, observed, action.decision);
+                    self.scores[a].push(score);
+                }
             }
             self.evaluation.futures = k + 1;
+            if self.config.drop_z > 0.0 && k + 1 >= self.config.min_futures {
+                for (a, alive) in live.iter_mut().enumerate() {
+                    if a == g || !*alive {
+                        continue;
+                    }
+                    let (_, gain, se) = paired(&self.scores[a], &self.scores[g]);
+                    if gain + self.config.drop_z * se < 0.0 {
+                        *alive = false;
+                    }
+                }
+            }
         }
         self.stats.futures += self.evaluation.futures as u64;
         let eval = &mut self.evaluation;
@@ -304,27 +346,17 @@ impl QosPlanner {
             eval.chosen = Some(greedy);
             return &self.evaluation;
         }
-        let g = eval
-            .actions
-            .iter()
-            .position(|a| a.decision == greedy)
-            .unwrap_or(n_actions - 1);
-        let n = eval.futures as f64;
         let mut best: Option<(usize, f64)> = None;
         for (a, action) in eval.actions.iter_mut().enumerate() {
-            let scores = &self.scores[a];
-            action.mean_qos = scores.iter().sum::<f64>() / n;
-            let diffs = scores.iter().zip(&self.scores[g]).map(|(x, y)| x - y);
-            let gain = diffs.clone().sum::<f64>() / n;
-            let var = if eval.futures > 1 {
-                diffs.map(|d| (d - gain) * (d - gain)).sum::<f64>() / (n - 1.0)
-            } else {
-                0.0
-            };
+            let (mean, gain, se) = paired(&self.scores[a], &self.scores[g]);
+            action.mean_qos = mean;
             action.gain = gain;
-            action.gain_std_err = (var / n).sqrt();
-            let clears_noise =
-                a != g && gain > 1e-9 && gain > self.config.noise_z * action.gain_std_err;
+            action.gain_std_err = se;
+            action.futures = self.scores[a].len();
+            let clears_noise = a != g
+                && live[a]
+                && gain > 1e-9
+                && gain > self.config.noise_z * action.gain_std_err;
             if clears_noise && best.is_none_or(|(_, m)| action.mean_qos > m) {
                 best = Some((a, action.mean_qos));
             }
@@ -336,6 +368,25 @@ impl QosPlanner {
         eval.chosen = Some(chosen);
         &self.evaluation
     }
+}
+
+/// Mean of `scores`, and the mean and standard error of its paired differences with the
+/// same futures of `baseline` (the first `scores.len()` of them).
+fn paired(scores: &[f64], baseline: &[f64]) -> (f64, f64, f64) {
+    let n = scores.len();
+    if n == 0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let nf = n as f64;
+    let mean = scores.iter().sum::<f64>() / nf;
+    let diffs = || scores.iter().zip(baseline).map(|(x, y)| x - y);
+    let gain = diffs().sum::<f64>() / nf;
+    let var = if n > 1 {
+        diffs().map(|d| (d - gain) * (d - gain)).sum::<f64>() / (nf - 1.0)
+    } else {
+        0.0
+    };
+    (mean, gain, (var / nf).sqrt())
 }
 
 impl Policy for QosPlanner {
@@ -371,6 +422,11 @@ mod tests {
         assert_eq!((c.futures, c.horizon, c.window), (64, 0, 256));
         assert_eq!(c.noise_z, 2.0);
         assert_eq!(c.budget, Some(Duration::from_millis(5)));
+        // A small k lowers the default min_futures with it.
+        assert_eq!(
+            PlannerConfig::parse("qos-planner:k=2").unwrap().min_futures,
+            2
+        );
         for (spec, says) in [
             ("qos-planner:k=0", "at least 1"),
             ("qos-planner:q=3", "unknown parameter `q`"),
@@ -379,6 +435,7 @@ mod tests {
             ("qos-plannerx", "parameters follow"),
             ("qos-greedy", "must start with"),
             ("qos-planner:k=2,min_futures=3", "between 1 and k"),
+            ("qos-planner:k=8,drop_z=x", "number >= 0"),
         ] {
             let e = PlannerConfig::parse(spec).unwrap_err();
             assert!(e.to_string().contains(says), "{spec}: {e}");

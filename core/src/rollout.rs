@@ -22,7 +22,7 @@
 //!   (mean length and quality of the task on each expert).
 
 use crate::baselines::QosGreedy;
-use crate::engine::{EngineEvent, ExpertEngine, Job, next_event};
+use crate::engine::{EngineEvent, ExpertEngine, Job};
 use crate::forecast::remaining_prefill_s;
 use crate::knowledge::Observed;
 use crate::policy::Decision;
@@ -84,6 +84,9 @@ pub struct Rollouts {
     arrivals: Vec<SampledArrival>,
     // One rollout.
     engines: Vec<ExpertEngine>,
+    /// When each engine's current phase ends (infinity when idle), kept in step with
+    /// `engines`.
+    next_s: Vec<f64>,
     finish: Vec<(f64, u32)>,
     events: Vec<EngineEvent>,
     greedy: QosGreedy,
@@ -270,8 +273,11 @@ impl Rollouts {
         observed: &Observed<'_>,
         action: Decision,
     ) -> f64 {
+        self.next_s.clear();
         for (engine, base) in self.engines.iter_mut().zip(&self.base) {
             engine.copy_from(base);
+            self.next_s
+                .push(engine.next_event_s().unwrap_or(f64::INFINITY));
         }
         self.finish.clear();
         self.finish
@@ -294,6 +300,7 @@ impl Rollouts {
                 },
                 self.now_s,
             );
+            self.next_s[e] = self.engines[e].next_event_s().unwrap_or(f64::INFINITY);
         } else {
             self.entries[self.new_entry].quality = 0.0;
         }
@@ -343,6 +350,7 @@ impl Rollouts {
                 },
                 arrival.at_s,
             );
+            self.next_s[e] = self.engines[e].next_event_s().unwrap_or(f64::INFINITY);
         }
         self.advance_to(f64::INFINITY);
         let mut score = 0.0;
@@ -358,10 +366,20 @@ impl Rollouts {
         score
     }
 
+    /// Processes every engine event up to `until_s` in time order (ties: the lowest expert),
+    /// recording completions.
     fn advance_to(&mut self, until_s: f64) {
-        while let Some((e, _)) = next_event(&self.engines, until_s) {
+        loop {
+            let mut next: Option<(usize, f64)> = None;
+            for (e, &t) in self.next_s.iter().enumerate() {
+                if t.is_finite() && t <= until_s && next.is_none_or(|(_, b)| t < b) {
+                    next = Some((e, t));
+                }
+            }
+            let Some((e, _)) = next else { return };
             self.events.clear();
             self.engines[e].complete_phase(&mut self.events);
+            self.next_s[e] = self.engines[e].next_event_s().unwrap_or(f64::INFINITY);
             for event in &self.events {
                 if let EngineEvent::Completed {
                     idx,

@@ -216,7 +216,7 @@ impl Metrics {
             self.qos_sum_micro.load(Ordering::Relaxed) as f64 / 1e6
         );
         type Gauge = fn(&ExpertGauges) -> f64;
-        let gauges: [(&str, &str, Gauge); 7] = [
+        let gauges: [(&str, &str, Gauge); 8] = [
             (
                 "qosroute_expert_in_flight",
                 "Requests in flight per expert.",
@@ -236,6 +236,11 @@ impl Metrics {
                 "qosroute_expert_prefill_tokens_per_second",
                 "Latency model in use (refitted online): prefill speed.",
                 |g| g.latency.prefill_tok_s,
+            ),
+            (
+                "qosroute_expert_prefill_overhead_seconds",
+                "Latency model in use: fixed part of one prefill iteration.",
+                |g| g.latency.prefill_overhead_s,
             ),
             (
                 "qosroute_expert_decode_t0_seconds",
@@ -397,6 +402,10 @@ mod tests {
         assert!(text.contains("qosroute_qos_sum 0.5\n"));
         assert!(
             text.contains("qosroute_expert_decode_t0_seconds{expert=\"a\\\"b\"} 0.02\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("qosroute_expert_prefill_overhead_seconds{expert=\"a\\\"b\"} 0\n"),
             "{text}"
         );
         assert_eq!(m.outcomes(Outcome::Shed), 2);

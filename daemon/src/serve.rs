@@ -395,15 +395,11 @@ async fn stream_answer(
                     // The prefill time: from when the request got a slot (its dispatch, or
                     // when the request ahead of it finished) to its first token. A request
                     // that still waits in the daemon's view measures nothing.
-                    if let Some(e) = router.ledger.index_of(expert) {
-                        if let Some(since) = router.ledger.slot_since(e, key) {
-                            let ttft = at.saturating_duration_since(since).as_secs_f64();
-                            router.observe_prefill(
-                                e,
-                                estimate_prompt_tokens(&request.prompt),
-                                ttft,
-                            );
-                        }
+                    if let Some(e) = router.ledger.index_of(expert)
+                        && let Some(since) = router.ledger.slot_since(e, key)
+                    {
+                        let ttft = at.saturating_duration_since(since).as_secs_f64();
+                        router.observe_prefill(e, estimate_prompt_tokens(&request.prompt), ttft);
                     }
                 }
                 drop(router);
