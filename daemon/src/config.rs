@@ -182,6 +182,12 @@ pub struct PolicyConfig {
     /// Which variant to load.
     #[serde(default)]
     pub variant: ModelVariant,
+    /// Route with the Monte-Carlo planner instead of a learned model:
+    /// `"qos-planner"` or `"qos-planner:k=16,h=20,window=256,z=1,budget_ms=5"` (see
+    /// `qosroute_core::planner`). Without `budget_ms` its time budget per decision is
+    /// `max_decision_ms`. Exclusive with `model_dir`.
+    #[serde(default)]
+    pub planner: Option<String>,
     /// The hand-made policy used when the model is missing, invalid or too slow.
     #[serde(default = "default_fallback")]
     pub fallback: String,
@@ -497,6 +503,7 @@ impl Default for PolicyConfig {
         Self {
             model_dir: None,
             variant: ModelVariant::default(),
+            planner: None,
             fallback: default_fallback(),
             max_decision_ms: default_max_decision_ms(),
         }
@@ -623,7 +630,18 @@ impl Config {
                 );
             }
         }
-        if qosroute_core::baseline(&self.policy.fallback, 0).is_err() {
+        if let Some(spec) = &self.policy.planner {
+            if let Err(e) = qosroute_core::PlannerConfig::parse(spec) {
+                p.add("policy.planner", e.to_string());
+            }
+            if self.policy.model_dir.is_some() {
+                p.add(
+                    "policy.planner",
+                    "routes instead of the learned model: remove policy.model_dir, or this",
+                );
+            }
+        }
+        if !qosroute_core::BASELINE_NAMES.contains(&self.policy.fallback.as_str()) {
             p.add(
                 "policy.fallback",
                 format!(
@@ -929,6 +947,53 @@ mod tests {
             c.calibration.settings(),
             qosroute_core::CalibratorSettings::default()
         );
+    }
+
+    #[test]
+    fn the_planner_is_checked_and_excludes_a_learned_model() {
+        let with = |line: &str| {
+            let text = example().replace("fallback = \"qos-greedy\"", line);
+            Config::parse(&text, "planner").unwrap().validate()
+        };
+        // The example has a model_dir: a planner beside it is refused.
+        let problems = with("planner = \"qos-planner\"\nfallback = \"qos-greedy\"");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == "policy.planner" && p.message.contains("model_dir")),
+            "{problems:?}"
+        );
+        let without_model = || {
+            example()
+                .lines()
+                .filter(|l| !l.starts_with("model_dir"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let text = without_model().replace(
+            "fallback = \"qos-greedy\"",
+            "planner = \"qos-planner:k=0\"\nfallback = \"qos-planner\"",
+        );
+        let problems = Config::parse(&text, "planner").unwrap().validate();
+        let said = |key: &str, what: &str| {
+            problems
+                .iter()
+                .any(|p| p.key == key && p.message.contains(what))
+        };
+        assert!(
+            said("policy.planner", "k (futures) must be at least 1"),
+            "{problems:?}"
+        );
+        assert!(
+            said("policy.fallback", "unknown policy"),
+            "the planner is no fallback"
+        );
+        let text = without_model().replace(
+            "fallback = \"qos-greedy\"",
+            "planner = \"qos-planner:k=16,h=20\"\nfallback = \"qos-greedy\"",
+        );
+        let config = Config::parse(&text, "planner").unwrap();
+        assert_eq!(config.validate(), Vec::new());
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub struct Metrics {
     pub decision_seconds: Histogram,
     /// Decisions that fell back to the hand-made policy.
     pub fallbacks: AtomicU64,
+    /// Planner decisions whose time budget ran out (decided on the futures played so far, or
+    /// fell back when they were too few).
+    pub planner_budget_exhausted: AtomicU64,
     /// Requests retried on another expert before any token reached the device.
     pub retries: AtomicU64,
     /// Completed requests whose per-token latency missed their SLO.
@@ -169,6 +172,11 @@ impl Metrics {
                 "qosroute_policy_fallbacks_total",
                 "Decisions made by the fallback policy.",
                 &self.fallbacks,
+            ),
+            (
+                "qosroute_planner_budget_exhausted_total",
+                "Planner decisions whose time budget ran out before all futures were played.",
+                &self.planner_budget_exhausted,
             ),
             (
                 "qosroute_retries_total",

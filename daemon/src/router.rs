@@ -1,14 +1,14 @@
-//! Where a request is decided: the policy (the learned router, or its hand-made fallback)
-//! over the ledger's cluster state and the online predictions, plus what is learned back
-//! from every completed request.
+//! Where a request is decided: the policy (the learned router, the Monte-Carlo planner, or
+//! the hand-made fallback) over the ledger's cluster state and the online predictions, plus
+//! what is learned back from every completed request.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use qosroute_core::{
     ArrivalWindow, ArrivingRequest, Decision, ExpertOutputLengths, ExpertProfile,
-    InvalidQualityPrior, LatencyCalibrator, Observed, OnnxPolicy, Policy, Prediction, QualityBook,
-    Request, Task, UnknownPolicy,
+    InvalidQualityPrior, LatencyCalibrator, Observed, OnnxPolicy, PlannerConfig, PlannerStats,
+    Policy, Prediction, QosPlanner, QualityBook, Request, Task, UnknownPolicy,
 };
 use tokio::time::Instant;
 
@@ -42,13 +42,41 @@ pub struct Routing {
     pub predictions: Vec<Prediction>,
     /// Time spent deciding.
     pub took: Duration,
-    /// Whether the fallback policy decided.
+    /// Whether the fallback policy decided (for the planner: whether its time budget ran out
+    /// before it had played enough futures, so `qos-greedy` decided).
     pub fell_back: bool,
+    /// Whether the planner's time budget ran out (it decided on the futures played so far,
+    /// or fell back).
+    pub budget_exhausted: bool,
+}
+
+/// The planner of `config`, if `[policy] planner` names one; its budget is `max_decision_ms`
+/// unless the spec sets `budget_ms`.
+fn planner_of(config: &Config) -> Result<Option<QosPlanner>, RouterError> {
+    let Some(spec) = &config.policy.planner else {
+        return Ok(None);
+    };
+    let mut planner_config = PlannerConfig::parse(spec).map_err(UnknownPolicy::from)?;
+    if planner_config.budget.is_none() {
+        planner_config.budget = Some(Duration::from_secs_f64(config.policy.max_decision_ms / 1e3));
+    }
+    Ok(Some(QosPlanner::new(planner_config, 0)))
+}
+
+/// Runs `f`, which may take milliseconds, off the async worker when the runtime has others to
+/// hand its tasks to (a multi-threaded one); inline otherwise.
+fn off_the_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 /// The decision maker and its online knowledge.
 pub struct Router {
     model: Option<OnnxPolicy>,
+    /// The Monte-Carlo planner, when it routes instead of a learned model.
+    planner: Option<QosPlanner>,
     fallback: Box<dyn Policy + Send>,
     max_decision: Duration,
     slow_in_a_row: u32,
@@ -111,6 +139,7 @@ impl Router {
         }
         Ok(Self {
             model,
+            planner: planner_of(config)?,
             fallback: qosroute_core::baseline(&config.policy.fallback, 0)?,
             max_decision: Duration::from_secs_f64(config.policy.max_decision_ms / 1e3),
             slow_in_a_row: 0,
@@ -187,6 +216,12 @@ impl Router {
             self.apply_calibration(e);
         }
         self.fallback = fallback;
+        let planner = planner_of(config)?;
+        // A planner whose parameters did not change keeps its random stream and counters.
+        if planner.as_ref().map(QosPlanner::config) != self.planner.as_ref().map(QosPlanner::config)
+        {
+            self.planner = planner;
+        }
         self.max_decision = Duration::from_secs_f64(config.policy.max_decision_ms / 1e3);
         self.stale_after = Duration::from_secs_f64(config.telemetry.stale_after_s);
         if replace_model {
@@ -204,9 +239,17 @@ impl Router {
 
     /// Name of the policy that decides now.
     pub fn policy_name(&self) -> &str {
+        if let Some(p) = &self.planner {
+            return p.name();
+        }
         self.model
             .as_ref()
             .map_or(self.fallback.name(), |m| m.name())
+    }
+
+    /// The planner's counters, when it routes.
+    pub fn planner_stats(&self) -> Option<PlannerStats> {
+        self.planner.as_ref().map(QosPlanner::stats)
     }
 
     /// Profiles in policy order.
@@ -276,8 +319,14 @@ impl Router {
         };
         let model_on = self.model.is_some() && self.model_paused_until.is_none_or(|t| now >= t);
         let started = std::time::Instant::now();
-        let (decision, fell_back) = match self.model.as_mut() {
-            Some(model) if model_on => {
+        let mut budget_exhausted = false;
+        let (decision, fell_back) = match (self.planner.as_mut(), self.model.as_mut()) {
+            (Some(planner), _) => {
+                let eval = off_the_worker(|| planner.evaluate(&state, &arriving, &observed));
+                budget_exhausted = eval.budget_exhausted;
+                (eval.chosen.unwrap_or(Decision::Reject), eval.fell_back)
+            }
+            (None, Some(model)) if model_on => {
                 let before = model.fallbacks();
                 let d = model.decide(&state, &arriving, &observed);
                 (d, model.fallbacks() > before)
@@ -310,6 +359,7 @@ impl Router {
             predictions: arriving.predictions,
             took,
             fell_back,
+            budget_exhausted,
         }
     }
 

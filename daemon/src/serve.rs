@@ -201,6 +201,12 @@ async fn serve(
                 .metrics
                 .decision_seconds
                 .observe(routing.took.as_secs_f64());
+            if routing.budget_exhausted {
+                shared
+                    .metrics
+                    .planner_budget_exhausted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if routing.fell_back {
                 shared
                     .metrics

@@ -4,6 +4,8 @@
 // Each test file uses a part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod site;
+
 pub use qosroute_testkit::{Broker, BrokerOptions, Daemon, Device, DeviceOptions, Pki, Scratch};
 
 /// The `qosrouted` binary Cargo built for these tests.
