@@ -57,6 +57,33 @@ pub struct PolicySummary {
     pub per_token_latency_p95_s_mean: f64,
     pub ttft_p99_s_mean: f64,
     pub throughput_requests_s_mean: f64,
+    /// Paired gain in average QoS over `qos-greedy` on the same workload seeds, when it ran:
+    /// mean, std over seeds, and how many seeds it won.
+    pub gain_over_qos_greedy: Option<PairedGain>,
+}
+
+/// A policy's paired difference with a reference on the same workload samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PairedGain {
+    pub mean: f64,
+    pub std: f64,
+    pub wins: usize,
+    pub pairs: usize,
+}
+
+/// The paired differences `mine[i] - reference[i]` (values in seed order).
+fn paired_gain(mine: &[f64], reference: &[f64]) -> Option<PairedGain> {
+    if mine.len() != reference.len() || mine.is_empty() {
+        return None;
+    }
+    let diffs: Vec<f64> = mine.iter().zip(reference).map(|(a, b)| a - b).collect();
+    let (mean, std) = mean_std(&diffs);
+    Some(PairedGain {
+        mean,
+        std,
+        wins: diffs.iter().filter(|d| **d > 0.0).count(),
+        pairs: diffs.len(),
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -105,6 +132,7 @@ fn summarise(policy: &str, sweep_value: Option<f64>, runs: &[&RunReport]) -> Pol
         per_token_latency_p95_s_mean: of(|r| r.per_token_latency_s.p95).0,
         ttft_p99_s_mean: of(|r| r.ttft_s.p99).0,
         throughput_requests_s_mean: of(|r| r.throughput_requests_s).0,
+        gain_over_qos_greedy: None,
     }
 }
 
@@ -277,14 +305,26 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let mut summary = Vec::new();
     for (s, (value, spec)) in specs.iter().enumerate() {
         let start = summary.len();
-        for (p, name) in policies.iter().enumerate() {
-            let mine: Vec<&RunReport> = jobs
-                .iter()
+        // Jobs run seed by seed, so each policy's runs come in seed order.
+        let runs_of = |p: usize| -> Vec<&RunReport> {
+            jobs.iter()
                 .zip(&runs)
                 .filter(|(j, _)| j.sweep == s && j.policy == p)
                 .map(|(_, r)| r)
-                .collect();
-            summary.push(summarise(name, *value, &mine));
+                .collect()
+        };
+        let avg_qos = |runs: &[&RunReport]| runs.iter().map(|r| r.avg_qos).collect::<Vec<_>>();
+        let reference = policies
+            .iter()
+            .position(|n| n == "qos-greedy")
+            .map(|p| avg_qos(&runs_of(p)));
+        for (p, name) in policies.iter().enumerate() {
+            let mine = runs_of(p);
+            let mut row = summarise(name, *value, &mine);
+            row.gain_over_qos_greedy = reference
+                .as_ref()
+                .and_then(|r| paired_gain(&avg_qos(&mine), r));
+            summary.push(row);
         }
         table::print_comparison(&catalogue.name, spec, &args.seeds, &summary[start..]);
     }
@@ -372,6 +412,15 @@ mod tests {
         let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
         assert_eq!((m, s), (2.0, 1.0));
         assert_eq!(mean_std(&[4.0]), (4.0, 0.0));
+    }
+
+    #[test]
+    fn paired_gain_counts_each_seed_against_its_own_reference_run() {
+        let g = paired_gain(&[0.5, 0.3, 0.6], &[0.4, 0.35, 0.6]).unwrap();
+        // Differences +0.1, -0.05, 0.
+        assert!((g.mean - 0.05 / 3.0).abs() < 1e-12);
+        assert_eq!((g.wins, g.pairs), (1, 3));
+        assert!(paired_gain(&[0.5], &[0.4, 0.35]).is_none());
     }
 
     #[test]

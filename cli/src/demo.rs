@@ -45,8 +45,9 @@ const SITE: &str = "demo";
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// The gateway's router: `han` (the shipped learned router), `han:DIR` (a folder with
-    /// router-f32.onnx), or a baseline the daemon runs as its fallback policy (random,
-    /// round-robin, least-loaded, p2c, quality-greedy, latency-greedy, qos-greedy).
+    /// router-f32.onnx), `qos-planner[:k=16,h=20,...]`, or a baseline the daemon runs as its
+    /// fallback policy (random, round-robin, least-loaded, p2c, quality-greedy, latency-greedy,
+    /// qos-greedy).
     #[arg(long, default_value = "han")]
     policy: String,
     /// Compare routers: run the same trace slice through each in turn (fresh daemon and
@@ -123,12 +124,14 @@ pub(crate) enum Router {
     Learned { name: String, dir: PathBuf },
     /// A baseline, run as the daemon's fallback with no model.
     Baseline(String),
+    /// `qos-planner` (with its parameters), run as the daemon's `[policy] planner`.
+    Planner(String),
 }
 
 impl Router {
     pub(crate) fn name(&self) -> &str {
         match self {
-            Router::Learned { name, .. } | Router::Baseline(name) => name,
+            Router::Learned { name, .. } | Router::Baseline(name) | Router::Planner(name) => name,
         }
     }
 
@@ -141,6 +144,9 @@ impl Router {
             Router::Baseline(b) => {
                 format!("baseline `{b}` (the daemon's fallback policy, no model)")
             }
+            Router::Planner(spec) => format!(
+                "`{spec}`, the Monte-Carlo planner (qos-greedy when its time budget runs out)"
+            ),
         }
     }
 }
@@ -183,9 +189,13 @@ pub(crate) fn parse_router(name: &str, model_dir: &Path) -> anyhow::Result<Route
     if BASELINE_NAMES.contains(&name) {
         return Ok(Router::Baseline(name.to_owned()));
     }
+    if qosroute_core::is_planner(name) {
+        qosroute_core::PlannerConfig::parse(name)?;
+        return Ok(Router::Planner(name.to_owned()));
+    }
     bail!(
-        "`{name}`: the daemon can run `han`, `han:DIR` (a folder with router-f32.onnx) or one of \
-         the baselines as its fallback policy: {}",
+        "`{name}`: the daemon can run `han`, `han:DIR` (a folder with router-f32.onnx), \
+         `qos-planner[:k=..,h=..]` or one of the baselines as its fallback policy: {}",
         BASELINE_NAMES.join(", ")
     )
 }
@@ -313,7 +323,24 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let interrupt = CancellationToken::new();
     watch_signals(interrupt.clone())?;
     let names = match &args.compare {
-        Some(list) => list.clone(),
+        // `qos-planner:k=16,h=20` was split at its commas: its `key=value` items go back to it.
+        Some(list) => {
+            let mut names: Vec<String> = Vec::new();
+            for item in list.iter().map(|n| n.trim()) {
+                match names.last_mut() {
+                    Some(last)
+                        if item.contains('=')
+                            && !item.contains(':')
+                            && qosroute_core::is_planner(last) =>
+                    {
+                        last.push(if last.contains(':') { ',' } else { ':' });
+                        last.push_str(item);
+                    }
+                    _ => names.push(item.to_owned()),
+                }
+            }
+            names
+        }
         None => vec![args.policy.clone()],
     };
     let routers = names
@@ -967,6 +994,9 @@ pub(crate) fn broker_and_policy(
         }
         Router::Baseline(b) => {
             let _ = writeln!(c, "fallback = {}", toml_str(b));
+        }
+        Router::Planner(spec) => {
+            let _ = writeln!(c, "planner = {}\nfallback = \"qos-greedy\"", toml_str(spec));
         }
     }
 }
@@ -1696,6 +1726,11 @@ mod tests {
             parse_router("qos-greedy", Path::new("x")).unwrap(),
             Router::Baseline(b) if b == "qos-greedy"
         ));
+        assert!(matches!(
+            parse_router("qos-planner:k=8", Path::new("x")).unwrap(),
+            Router::Planner(p) if p == "qos-planner:k=8"
+        ));
+        assert!(parse_router("qos-planner:k=0", Path::new("x")).is_err());
         let e = parse_router("oracle", Path::new("x"))
             .unwrap_err()
             .to_string();

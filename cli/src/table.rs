@@ -105,8 +105,15 @@ pub fn print_comparison(catalogue: &str, workload: &str, seeds: &[u64], rows: &[
         .unwrap_or(6)
         .max(6);
     println!(
-        "{:<w$}  {:>17}  {:>8}  {:>7}  {:>14}  {:>9}  {:>10}",
-        "policy", "avg QoS ± std", "SLO miss", "reject", "ms/tok p50/p95", "TTFT p99", "QoS/busy-s"
+        "{:<w$}  {:>17}  {:>8}  {:>7}  {:>14}  {:>9}  {:>10}  {:>25}",
+        "policy",
+        "avg QoS ± std",
+        "SLO miss",
+        "reject",
+        "ms/tok p50/p95",
+        "TTFT p99",
+        "QoS/busy-s",
+        "paired vs qos-greedy"
     );
     let best = rows
         .iter()
@@ -114,8 +121,11 @@ pub fn print_comparison(catalogue: &str, workload: &str, seeds: &[u64], rows: &[
         .fold(f64::NEG_INFINITY, f64::max);
     for r in rows {
         let marker = if r.avg_qos_mean == best { " *" } else { "" };
+        let paired = r.gain_over_qos_greedy.map_or(String::new(), |g| {
+            format!("{:+.4} ± {:.4} ({}/{})", g.mean, g.std, g.wins, g.pairs)
+        });
         println!(
-            "{:<w$}  {:>17}  {:>8}  {:>7}  {:>14}  {:>8.2}s  {:>10.4}{marker}",
+            "{:<w$}  {:>17}  {:>8}  {:>7}  {:>14}  {:>8.2}s  {:>10.4}  {:>25}{marker}",
             r.policy,
             format!("{:.4} ± {:.4}", r.avg_qos_mean, r.avg_qos_std),
             pct(r.slo_violation_rate_mean),
@@ -127,6 +137,7 @@ pub fn print_comparison(catalogue: &str, workload: &str, seeds: &[u64], rows: &[
             ),
             r.ttft_p99_s_mean,
             r.efficiency_mean,
+            paired,
         );
     }
     println!();

@@ -92,7 +92,6 @@ fn planner(c: &mut Criterion) {
             let config = PlannerConfig {
                 futures: k,
                 horizon: h,
-                min_futures: 1,
                 ..PlannerConfig::default()
             };
             let mut p = QosPlanner::new(config, 1);

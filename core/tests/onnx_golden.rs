@@ -107,7 +107,12 @@ fn shipped_f32_model_matches_the_trainer() {
         "f32: {} golden cases, max |logit diff| {worst:.2e}, relative to magnitude {worst_scaled:.2e}",
         cases.len()
     );
-    assert!(worst <= 1e-5, "max |diff| {worst}, scaled {worst_scaled}");
+    // f32 agreement relative to the logit's magnitude (at least 1): the logits of a trained
+    // model reach tens, where 1e-5 absolute is below f32's resolution of the sums.
+    assert!(
+        worst_scaled <= 1e-5,
+        "max |diff| {worst}, relative to magnitude {worst_scaled}"
+    );
 }
 
 #[test]
@@ -139,33 +144,41 @@ fn shipped_int8_model_runs_and_its_agreement_is_reported() {
 #[test]
 fn prepared_plans_are_not_compiled_again_by_decisions_of_those_sizes() {
     let mut policy = OnnxPolicy::load(&model_dir().join("router-f32.onnx")).unwrap();
-    // A golden case with 5 experts, 22 running and 5 waiting nodes.
+    // A golden case with 9-32 running nodes and at most 8 waiting ones.
     let state = golden()
         .iter()
         .map(encoded)
-        .find(|s| (s.experts, s.running, s.waiting) == (5, 22, 5))
-        .expect("golden case (5, 22, 5)");
+        .find(|s| (9..=32).contains(&s.running) && s.waiting <= 8)
+        .expect("a golden case with 9-32 running nodes");
     let at_load = policy.plans_compiled();
-    // Running buckets 8, 16 and 32 hold up to 20 running nodes, each with waiting buckets 8
-    // and 16; the (5, 32, 8) plan serves the case.
-    assert_eq!(policy.prepare(5, 20).unwrap(), 6);
-    assert_eq!(policy.plans_compiled(), at_load + 6);
-    assert_eq!(policy.prepare(5, 20).unwrap(), 0, "already compiled");
+    // Running buckets 8 .. bucket(R) (powers of two), each with waiting buckets 8 and 16;
+    // the (E, bucket(R), 8) plan serves the case.
+    let buckets = (state.running.next_power_of_two().max(8) / 8).trailing_zeros() as usize + 1;
+    assert_eq!(
+        policy.prepare(state.experts, state.running).unwrap(),
+        2 * buckets
+    );
+    assert_eq!(policy.plans_compiled(), at_load + 2 * buckets as u64);
+    assert_eq!(
+        policy.prepare(state.experts, state.running).unwrap(),
+        0,
+        "already compiled"
+    );
     policy.logits_of(&state).unwrap();
     assert_eq!(
         policy.plans_compiled(),
-        at_load + 6,
+        at_load + 2 * buckets as u64,
         "no compile at decision time"
     );
     let bigger = golden()
         .iter()
         .map(encoded)
-        .find(|s| s.running > 32)
+        .find(|s| s.running > state.running.next_power_of_two().max(8))
         .expect("a case beyond the prepared buckets");
     policy.logits_of(&bigger).unwrap();
     assert_eq!(
         policy.plans_compiled(),
-        at_load + 7,
+        at_load + 2 * buckets as u64 + 1,
         "a new size compiles once"
     );
 }

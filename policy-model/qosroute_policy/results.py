@@ -4,6 +4,13 @@ One model, every policy per scenario:
 
     python -m qosroute_policy.results policy-model/models/han
 
+qos-planner against qos-greedy (and every other policy) over the six scenarios, with paired
+differences, and the planner's settings table (compare JSONs of scripts/planner-settings.sh and
+the criterion estimates of `cargo bench -p qosroute-core --bench planner`):
+
+    python -m qosroute_policy.results --planner policy-model/models/han
+    python -m qosroute_policy.results --settings out/planner-settings
+
 Several trained models per variant (training seeds), side by side, with paired gains over
 qos-greedy (same workload seed, same scenario):
 
@@ -30,6 +37,84 @@ def short(policy):
     return "learned (HAN)" if policy.startswith("han:") else policy
 
 
+def is_baseline(policy):
+    return not policy.startswith("han:") and not policy.startswith("qos-planner")
+
+
+def paired(runs, policy, reference="qos-greedy"):
+    """Differences of avg QoS and SLO-violation rate with the reference, per workload seed."""
+    seeds = sorted(runs[policy])
+    return ([runs[policy][k]["avg_qos"] - runs[reference][k]["avg_qos"] for k in seeds],
+            [runs[policy][k]["slo_violation_rate"] - runs[reference][k]["slo_violation_rate"] for k in seeds])
+
+
+def planner_tables(model_dir):
+    """Every policy per scenario with its paired gain over qos-greedy, then the planner's
+    summary: ratio of mean average QoS to qos-greedy's, paired gain and SLO-violation change."""
+    out, summary = [], []
+    ratios = []
+    for key, title in SCENARIOS:
+        path = os.path.join(model_dir, "eval", f"{key}.json")
+        if not os.path.exists(path):
+            continue
+        runs = runs_of(model_dir, key)
+        planner = next(p for p in runs if p.startswith("qos-planner"))
+        out += [f"**{title}** ({len(runs['qos-greedy'])} workload seeds)", "",
+                "| policy | avg QoS ± std | SLO miss | reject | paired gain over qos-greedy (wins) |",
+                "|---|---|---|---|---|"]
+        for policy, by_seed in runs.items():
+            q = [r["avg_qos"] for r in by_seed.values()]
+            slo = np.mean([r["slo_violation_rate"] for r in by_seed.values()])
+            rej = np.mean([r["reject_rate"] for r in by_seed.values()])
+            g, _ = paired(runs, policy)
+            name = short(policy) if policy != "learned" else "learned (HAN)"
+            if policy == planner:
+                name = f"**{name}**"
+            gain = "" if policy == "qos-greedy" else f"{np.mean(g):+.4f} ± {np.std(g, ddof=1):.4f} ({sum(x > 0 for x in g)}/{len(g)})"
+            out.append(f"| {name} | {np.mean(q):.4f} ± {np.std(q, ddof=1):.4f} | {100 * slo:.1f} % | {100 * rej:.1f} % | {gain} |")
+        out.append("")
+        g, dslo = paired(runs, planner)
+        greedy = np.mean([r["avg_qos"] for r in runs["qos-greedy"].values()])
+        mine = np.mean([r["avg_qos"] for r in runs[planner].values()])
+        ratios.append(mine / greedy)
+        slo_g = 100 * np.mean([r["slo_violation_rate"] for r in runs["qos-greedy"].values()])
+        slo_p = 100 * np.mean([r["slo_violation_rate"] for r in runs[planner].values()])
+        summary.append(f"| {title} | {greedy:.4f} | {mine:.4f} | {mine / greedy:.3f}x | "
+                       f"{np.mean(g):+.4f} ± {np.std(g, ddof=1):.4f} ({sum(x > 0 for x in g)}/{len(g)}) | "
+                       f"{slo_g:.1f} % -> {slo_p:.1f} % |")
+    head = ["| scenario | qos-greedy | qos-planner | ratio | paired gain (wins) | SLO-violation rate |",
+            "|---|---|---|---|---|---|"]
+    summary.append(f"| **mean over the {len(ratios)} scenarios** | | | **{np.mean(ratios):.3f}x** | | |")
+    return "\n".join(head + summary), "\n".join(out)
+
+
+def settings_table(directory, criterion="target/criterion/planner_settings_E8_R100"):
+    """QoS of qos-planner:k=K,h=H against qos-greedy per scenario (compare JSONs named
+    SCENARIO.json holding every setting), and the criterion median decision time at E = 8,
+    R = 100."""
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".json"))
+    scenarios = [f[:-5] for f in files]
+    data = {sc: json.load(open(os.path.join(directory, f))) for sc, f in zip(scenarios, files)}
+    settings = [s["policy"] for s in data[scenarios[0]]["summary"] if s["policy"].startswith("qos-planner")]
+    lines = ["| setting | decision (E = 8, R = 100) | " + " | ".join(f"{sc}: QoS vs qos-greedy" for sc in scenarios) + " |",
+             "|---" * (len(scenarios) + 2) + "|"]
+    for setting in settings:
+        params = dict(kv.split("=") for kv in setting.split(":", 1)[1].split(","))
+        est = os.path.join(criterion, f"k{params['k']}", params["h"], "new", "estimates.json")
+        t = json.load(open(est))["median"]["point_estimate"] / 1e6 if os.path.exists(est) else float("nan")
+        cells = []
+        for sc in scenarios:
+            runs = {}
+            for r in data[sc]["runs"]:
+                runs.setdefault(r["policy"], {})[r["seed"]] = r
+            g, _ = paired(runs, setting)
+            mine = np.mean([r["avg_qos"] for r in runs[setting].values()])
+            greedy = np.mean([r["avg_qos"] for r in runs["qos-greedy"].values()])
+            cells.append(f"{mine:.4f} ({mine / greedy:.3f}x; {np.mean(g):+.4f}, {sum(x > 0 for x in g)}/{len(g)})")
+        lines.append(f"| k = {params['k']}, h = {params['h']} | {t:.2f} ms | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def one_model(model_dir):
     lines = []
     for key, title in SCENARIOS:
@@ -37,7 +122,7 @@ def one_model(model_dir):
         if not os.path.exists(path):
             continue
         summary = json.load(open(path))["summary"]
-        best_baseline = max((s for s in summary if not s["policy"].startswith("han:")), key=lambda s: s["avg_qos_mean"])
+        best_baseline = max((s for s in summary if is_baseline(s["policy"])), key=lambda s: s["avg_qos_mean"])
         lines += [f"**{title}** (3 seeds; best baseline: {best_baseline['policy']})", "",
                   "| policy | avg QoS ± std | SLO miss | reject |", "|---|---|---|---|"]
         for s in summary:
@@ -84,7 +169,7 @@ def variants_table(variants):
             q = [r["avg_qos"] for r in base[policy].values()]
             s = [r["slo_violation_rate"] for r in base[policy].values()]
             return f"{np.mean(q):.4f} ± {np.std(q):.4f} ({100 * np.mean(s):.1f} %)"
-        others = [p for p in base if p not in ("learned", "qos-greedy")]
+        others = [p for p in base if p not in ("learned", "qos-greedy") and is_baseline(p)]
         best = max(others, key=lambda p: np.mean([r["avg_qos"] for r in base[p].values()]))
         lines.append(f"| {title} | " + " | ".join(cells) + f" | {summary('qos-greedy')} | {best}: {summary(best)} |")
         gain_lines.append(f"| {title} | " + " | ".join(gains) + " |")
@@ -97,7 +182,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", nargs="?", default="policy-model/models/han")
     p.add_argument("--variant", action="append", default=[], help="LABEL=DIR[,DIR...]")
+    p.add_argument("--planner", action="store_true", help="qos-planner against qos-greedy")
+    p.add_argument("--settings", help="a folder of compare JSONs over planner settings")
+    p.add_argument("--criterion", default="target/criterion/planner_settings_E8_R100",
+                   help="criterion's folder of the planner settings benchmark")
     a = p.parse_args(argv)
+    if a.settings:
+        print(settings_table(a.settings, a.criterion))
+        return
+    if a.planner:
+        summary, tables = planner_tables(a.model_dir)
+        print(summary)
+        print()
+        print(tables)
+        return
     if not a.variant:
         print(one_model(a.model_dir))
         return
