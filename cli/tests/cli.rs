@@ -53,13 +53,24 @@ fn compare_prints_a_table_and_writes_json_and_svg() {
     ]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    for policy in qosroute_core::BASELINE_NAMES {
+    for policy in qosroute_core::BASELINE_NAMES
+        .iter()
+        .chain(&[qosroute_core::PLANNER_NAME])
+    {
         assert!(stdout.contains(policy), "{policy} missing from\n{stdout}");
     }
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let summary = v["summary"].as_array().unwrap();
-    assert_eq!(summary.len(), 7);
+    assert_eq!(summary.len(), 8, "every baseline and qos-planner");
+    // The paired difference with qos-greedy: 0 for itself, over both seeds for the others.
+    for s in summary {
+        let gain = &s["gain_over_qos_greedy"];
+        assert_eq!(gain["pairs"].as_u64(), Some(2), "{s}");
+        if s["policy"] == "qos-greedy" {
+            assert_eq!(gain["mean"].as_f64(), Some(0.0));
+        }
+    }
     for s in summary {
         for key in [
             "policy",
@@ -72,7 +83,7 @@ fn compare_prints_a_table_and_writes_json_and_svg() {
             assert!(!s[key].is_null(), "{key} missing in {s}");
         }
     }
-    assert_eq!(v["runs"].as_array().unwrap().len(), 14);
+    assert_eq!(v["runs"].as_array().unwrap().len(), 16);
     let qos = |p: &str| {
         summary.iter().find(|s| s["policy"] == p).unwrap()["avg_qos_mean"]
             .as_f64()

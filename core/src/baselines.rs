@@ -27,7 +27,7 @@ pub const BASELINE_NAMES: [&str; 7] = [
 pub enum UnknownPolicy {
     /// No policy has this name.
     #[error(
-        "unknown policy `{0}` (known: random, round-robin, least-loaded, p2c, quality-greedy, latency-greedy, qos-greedy, qos-planner[:k=16,h=20,window=256,z=1,budget_ms=0,min_futures=4])"
+        "unknown policy `{0}` (known: random, round-robin, least-loaded, p2c, quality-greedy, latency-greedy, qos-greedy, qos-planner[:k=16,h=20,window=256,z=1,budget_ms=0,min_futures=4,drop_z=2,miss=0.2])"
     )]
     Name(String),
     /// `qos-planner` with parameters that cannot be used.

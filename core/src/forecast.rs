@@ -246,30 +246,8 @@ impl Forecast {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::Arc;
-
     use super::*;
-    use crate::expert::ExpertProfile;
     use crate::task::Task;
-
-    /// 1000 prompt tokens/s, 10 ms steps whatever the batch.
-    fn expert(slots: u32, kv: u64) -> ExpertState {
-        ExpertState::idle(Arc::new(ExpertProfile {
-            name: "x".into(),
-            model: "m".into(),
-            hardware: String::new(),
-            source: String::new(),
-            max_slots: slots,
-            kv_tokens: kv,
-            latency: LatencyModel {
-                prefill_tok_s: 1000.0,
-                prefill_overhead_s: 0.0,
-                decode_t0_s: 0.01,
-                decode_d_s_per_seq: 0.0,
-                decode_e_s_per_ctx_token: 0.0,
-            },
-        }))
-    }
 
     fn request(prompt: u32, output: f64, generated: u32, slot_elapsed: f64) -> InFlight {
         InFlight {
@@ -288,6 +266,10 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12
+    }
+
+    fn expert(slots: u32, kv: u64) -> ExpertState {
+        crate::testing::expert_10ms("x", slots, kv)
     }
 
     #[test]

@@ -408,17 +408,7 @@ mod tests {
     }
 
     fn expert_10ms(slots: u32) -> ExpertState {
-        ExpertState::idle(Arc::new(ExpertProfile {
-            max_slots: slots,
-            latency: LatencyModel {
-                prefill_tok_s: 1000.0,
-                prefill_overhead_s: 0.0,
-                decode_t0_s: 0.01,
-                decode_d_s_per_seq: 0.0,
-                decode_e_s_per_ctx_token: 0.0,
-            },
-            ..paper_expert()
-        }))
+        crate::testing::expert_10ms("paper", slots, 100_000)
     }
 
     #[test]

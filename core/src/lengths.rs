@@ -702,9 +702,13 @@ mod tests {
             (std::mem::size_of_val(&p), std::mem::size_of_val(&h)),
             (size_p, size_h)
         );
-        // No heap: bins, sum and count, for each task and for all of them.
+        // No heap: bins, sum and count, for each task and for all of them, and the cached
+        // (p10, p50, p90) per task.
         assert_eq!(size_h, (BINS + 2) * 8);
-        assert_eq!(size_p, (Task::COUNT + 1) * size_h);
+        assert_eq!(
+            size_p,
+            (Task::COUNT + 1) * size_h + Task::COUNT * std::mem::size_of::<Option<[f64; 3]>>()
+        );
         assert_eq!(h.n(), 100_000.0);
     }
 

@@ -27,6 +27,8 @@ pub mod rng;
 pub mod rollout;
 pub mod state;
 pub mod task;
+#[cfg(test)]
+mod testing;
 
 pub use baselines::{BASELINE_NAMES, UnknownPolicy, baseline, is_planner};
 pub use calibration::{

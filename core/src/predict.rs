@@ -78,6 +78,9 @@ pub struct OutputLengthPredictor {
     tasks: [LengthHistogram; Task::COUNT],
     /// Every completion.
     all: LengthHistogram,
+    /// (p10, p50, p90) per task as of the last completion (a decision needs them; they only
+    /// change when a completion is observed).
+    quantile_cache: [Option<[f64; 3]>; Task::COUNT],
 }
 
 impl OutputLengthPredictor {
@@ -92,6 +95,17 @@ impl OutputLengthPredictor {
     pub fn observe(&mut self, task: Task, output_tokens: u32) {
         self.tasks[task.index()].observe(output_tokens);
         self.all.observe(output_tokens);
+        self.quantile_cache = [None; Task::COUNT];
+    }
+
+    /// [`OutputLengthPredictor::quantiles`], computed once per task between completions.
+    pub fn quantiles_cached(&mut self, task: Task) -> [f64; 3] {
+        if let Some(q) = self.quantile_cache[task.index()] {
+            return q;
+        }
+        let q = self.quantiles(task);
+        self.quantile_cache[task.index()] = Some(q);
+        q
     }
 
     /// Completed requests of `task` observed so far.
@@ -184,10 +198,10 @@ pub struct Predictors {
 impl Predictors {
     /// Fills `out` with the prediction for each expert (the same output-length mean and
     /// (p10, p50, p90) for every expert).
-    pub fn predict_into(&self, task: Task, out: &mut Vec<Prediction>) {
+    pub fn predict_into(&mut self, task: Task, out: &mut Vec<Prediction>) {
         out.clear();
         let output_tokens = self.output.predict(task);
-        let output_quantiles = self.output.quantiles(task);
+        let output_quantiles = self.output.quantiles_cached(task);
         out.extend((0..self.quality.prior.len()).map(|e| Prediction {
             output_tokens,
             output_quantiles,
@@ -574,7 +588,7 @@ mod tests {
 
     #[test]
     fn predictors_give_one_prediction_per_expert() {
-        let p = Predictors {
+        let mut p = Predictors {
             output: OutputLengthPredictor::default(),
             quality: QualityPredictor::new(vec![[0.3; Task::COUNT], [0.7; Task::COUNT]]),
         };
@@ -584,7 +598,6 @@ mod tests {
         assert_eq!(out[0].output_tokens, PRIOR_OUTPUT_TOKENS);
         assert_eq!(out[0].output_quantiles, [PRIOR_OUTPUT_TOKENS; 3]);
         assert_eq!(out[1].quality, 0.7);
-        let mut p = p;
         for tokens in [10, 20, 30, 40, 50, 60, 70, 80, 90] {
             p.output.observe(Task::Chat, tokens);
         }

@@ -265,13 +265,14 @@ impl Rollouts {
     }
 
     /// Plays the current future with `action` for the new request; returns the QoS of the
-    /// window.
+    /// window, minus `miss_cost` for each of its requests served over its SLO.
     pub fn play(
         &mut self,
         state: &ClusterState,
         arriving: &ArrivingRequest,
         observed: &Observed<'_>,
         action: Decision,
+        miss_cost: f64,
     ) -> f64 {
         self.next_s.clear();
         for (engine, base) in self.engines.iter_mut().zip(&self.base) {
@@ -359,6 +360,8 @@ impl Rollouts {
                 let per_token = (finish_s - entry.arrival_s) / f64::from(tokens.max(1));
                 if per_token < entry.slo_s_per_token {
                     score += entry.quality;
+                } else {
+                    score -= miss_cost;
                 }
             }
         }

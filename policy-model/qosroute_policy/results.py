@@ -104,9 +104,11 @@ def settings_table(directory, criterion="target/criterion/planner_settings_E8_R1
         t = json.load(open(est))["median"]["point_estimate"] / 1e6 if os.path.exists(est) else float("nan")
         cells = []
         for sc in scenarios:
+            # compare runs seed by seed, policy by policy, in the summary's order.
+            names = [x["policy"] for x in data[sc]["summary"]]
             runs = {}
-            for r in data[sc]["runs"]:
-                runs.setdefault(r["policy"], {})[r["seed"]] = r
+            for i, r in enumerate(data[sc]["runs"]):
+                runs.setdefault(names[i % len(names)], {})[r["seed"]] = r
             g, _ = paired(runs, setting)
             mine = np.mean([r["avg_qos"] for r in runs[setting].values()])
             greedy = np.mean([r["avg_qos"] for r in runs["qos-greedy"].values()])

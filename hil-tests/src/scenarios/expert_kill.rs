@@ -132,10 +132,15 @@ pub async fn expert_kill(scale: Scale) -> anyhow::Result<Report> {
         format!("{:?}", s.errors_by_code),
     );
     let failed = s.errors_by_code.get("expert_failed").copied().unwrap_or(0);
+    // The count is read just before the kill, and the runtime's shutdown takes effect in the
+    // background: one request admitted in between may be cut too (seen once in a full test
+    // run on a loaded machine: 5 cut, 4 counted).
     report.check(
         "no more expert_failed than requests in flight on the victim",
-        failed <= in_flight as u64,
-        format!("{failed} expert_failed, {in_flight} in flight at the kill"),
+        failed <= in_flight as u64 + 1,
+        format!(
+            "{failed} expert_failed, {in_flight} in flight at the kill (+1 admitted during it)"
+        ),
     );
     // Each request on the victim at the kill was either cut mid-answer (`expert_failed`) or
     // retried elsewhere (no token yet); one may have finished between the count and the kill.
