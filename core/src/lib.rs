@@ -49,7 +49,7 @@ pub use predict::{
     ExpertOutputLengths, InvalidQualityPrior, OutputLengthPredictor, Predictors, QualityBook,
     QualityPredictor,
 };
-pub use qos::{per_token_latency_s, qos, reward};
+pub use qos::{per_token_latency_s, qos, reward, slo_met};
 pub use request::{ArrivingRequest, Prediction, Request, RequestId};
 pub use rng::SimRng;
 pub use state::{ClusterState, ExpertState, InFlight};

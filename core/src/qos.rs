@@ -6,10 +6,15 @@ pub fn per_token_latency_s(arrival_s: f64, finish_s: f64, output_tokens: u32) ->
     (finish_s - arrival_s) / f64::from(output_tokens.max(1))
 }
 
-/// QoS of a served request: its answer quality if the per-token latency is under the SLO,
-/// else 0. A rejected request earns 0 and is not passed here.
+/// Whether a per-token latency meets its SLO: strictly under it (at the SLO is a miss).
+pub fn slo_met(per_token_latency_s: f64, slo_s_per_token: f64) -> bool {
+    per_token_latency_s < slo_s_per_token
+}
+
+/// QoS of a served request: its answer quality if the per-token latency is under the SLO
+/// ([`slo_met`]), else 0. A rejected request earns 0 and is not passed here.
 pub fn qos(quality: f64, per_token_latency_s: f64, slo_s_per_token: f64) -> f64 {
-    if per_token_latency_s < slo_s_per_token {
+    if slo_met(per_token_latency_s, slo_s_per_token) {
         quality
     } else {
         0.0
@@ -31,6 +36,8 @@ mod tests {
         assert_eq!(qos(0.8, 0.029, 0.03), 0.8);
         assert_eq!(qos(0.8, 0.03, 0.03), 0.0, "the SLO is a strict bound");
         assert_eq!(qos(0.8, 0.5, 0.03), 0.0);
+        assert!(slo_met(0.029, 0.03) && !slo_met(0.03, 0.03));
+        assert!(!slo_met(f64::NAN, 0.03), "an unknown latency is no success");
     }
 
     #[test]

@@ -429,7 +429,8 @@ async fn stream_answer(
                 let output_tokens = usage.map_or(tokens, |u| u.completion_tokens.max(tokens));
                 let total_s = now.saturating_duration_since(arrived_at).as_secs_f64();
                 let s_per_token = total_s / f64::from(output_tokens.max(1));
-                let slo_met = s_per_token <= slo;
+                // The simulator's rule: strictly under the SLO.
+                let slo_met = qosroute_core::slo_met(s_per_token, slo);
                 let quality = extension
                     .as_ref()
                     .and_then(|x| x.get("quality"))
