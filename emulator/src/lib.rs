@@ -50,12 +50,14 @@ use tokio_util::sync::CancellationToken;
 
 pub use faults::{Faults, InvalidFaults};
 pub use quality::AnswerQuality;
-pub use request::{CHARS_PER_TOKEN, ChatCompletionRequest, DEFAULT_OUTPUT_TOKENS};
+pub use request::{
+    CHARS_PER_TOKEN, ChatCompletionRequest, DEFAULT_OUTPUT_TOKENS, PROMPT_HEAD_CHARS,
+};
 pub use schedule::{EngineLoad, TokenSchedule};
 pub use wire::CounterValues;
 
 use driver::{Counters, EmulatorClock, run_engine};
-use server::{Shared, router};
+use server::{KnownLengths, Shared, router};
 
 /// Largest request body accepted by default, bytes (larger ones get `413`).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -82,7 +84,18 @@ pub struct EmulatorOptions {
     pub max_body_bytes: usize,
     /// How long [`EmulatedExpert::shutdown`] lets answers in flight finish (wall clock).
     pub shutdown_grace: Duration,
+    /// The true length of the answer to a prompt, for a site that knows it (the demo replays
+    /// a trace whose answers have known lengths): given the prompt's head
+    /// ([`ChatCompletionRequest::prompt_head`]), the answer's length in tokens, or `None`.
+    /// The answer is that long, cut at the request's `max_tokens` as a real engine cuts it;
+    /// a `qosroute.output_tokens` in the request wins. `None` (the default): the request's
+    /// length, else [`DEFAULT_OUTPUT_TOKENS`].
+    pub answer_tokens: Option<AnswerTokens>,
 }
+
+/// The true length of the answer to a prompt, from its head (see
+/// [`EmulatorOptions::answer_tokens`]).
+pub type AnswerTokens = Arc<dyn Fn(&str) -> Option<u32> + Send + Sync>;
 
 impl std::fmt::Debug for EmulatorOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,6 +107,7 @@ impl std::fmt::Debug for EmulatorOptions {
             .field("seed", &self.seed)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("answer_tokens", &self.answer_tokens.is_some())
             .finish()
     }
 }
@@ -109,6 +123,7 @@ impl EmulatorOptions {
             seed: 1,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            answer_tokens: None,
         }
     }
 
@@ -210,6 +225,7 @@ impl EmulatedExpert {
             counters: counters.clone(),
             closing: CancellationToken::new(),
             next_answer: AtomicU64::new(0),
+            answer_tokens: KnownLengths(options.answer_tokens.clone()),
         });
         let stop_engine = CancellationToken::new();
         let engine = runtime.spawn(run_engine(

@@ -14,6 +14,9 @@ pub const DEFAULT_OUTPUT_TOKENS: u32 = 128;
 /// Characters of message text per estimated prompt token.
 pub const CHARS_PER_TOKEN: usize = 4;
 
+/// Characters of the first message's text kept in [`ChatCompletionRequest::prompt_head`].
+pub const PROMPT_HEAD_CHARS: usize = 64;
+
 /// A chat completion request, as far as the emulator is concerned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatCompletionRequest {
@@ -33,6 +36,10 @@ pub struct ChatCompletionRequest {
     pub task: Option<Task>,
     /// `qosroute.prompt_id`: a row of the quality table.
     pub prompt_id: Option<String>,
+    /// The first [`PROMPT_HEAD_CHARS`] characters of the first message's text: where a site
+    /// that knows its answers' lengths ([`crate::EmulatorOptions::answer_tokens`]) finds the
+    /// request (the demo's devices put the request's id first).
+    pub prompt_head: String,
 }
 
 /// Why a request body is refused (HTTP 400).
@@ -109,7 +116,7 @@ impl ChatCompletionRequest {
         {
             return Err(bad("n", "only `n = 1` is supported"));
         }
-        let chars = message_chars(&body)?;
+        let (chars, prompt_head) = message_chars(&body)?;
         let extension = match body.get("qosroute") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(x)) => x.clone(),
@@ -149,13 +156,19 @@ impl ChatCompletionRequest {
             output_tokens,
             task,
             prompt_id,
+            prompt_head,
         })
     }
 
-    /// The answer's length before the engine's KV limit, and how it ends: the requested (or
-    /// default) length, capped at `max_tokens`.
-    pub fn planned_output(&self) -> (u32, FinishReason) {
-        let wanted = self.output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS);
+    /// The answer's length before the engine's KV limit, and how it ends: the length the
+    /// request asks for (`qosroute.output_tokens`), else `known` (the answer's true length,
+    /// when the site knows it), else [`DEFAULT_OUTPUT_TOKENS`]; capped at `max_tokens`, as a
+    /// real engine cuts an answer at `max_tokens` (finish reason `length`).
+    pub fn planned_output(&self, known: Option<u32>) -> (u32, FinishReason) {
+        let wanted = self
+            .output_tokens
+            .or(known.filter(|n| *n >= 1))
+            .unwrap_or(DEFAULT_OUTPUT_TOKENS);
         match self.max_tokens {
             Some(cap) if cap < wanted => (cap, FinishReason::Length),
             _ => (wanted, FinishReason::Stop),
@@ -191,8 +204,9 @@ pub fn estimate_prompt_tokens(chars: usize) -> u32 {
     u32::try_from(chars.div_ceil(CHARS_PER_TOKEN).max(1)).unwrap_or(u32::MAX)
 }
 
-/// Characters of text in `messages` (string contents, and the `text` of content parts).
-fn message_chars(body: &Map<String, Value>) -> Result<usize, BadRequest> {
+/// Characters of text in `messages` (string contents, and the `text` of content parts), and
+/// the first [`PROMPT_HEAD_CHARS`] of the first text.
+fn message_chars(body: &Map<String, Value>) -> Result<(usize, String), BadRequest> {
     let messages = match body.get("messages") {
         None | Some(Value::Null) => return Err(bad("messages", "`messages` is required")),
         Some(Value::Array(m)) => m,
@@ -202,6 +216,13 @@ fn message_chars(body: &Map<String, Value>) -> Result<usize, BadRequest> {
         return Err(bad("messages", "`messages` must not be empty"));
     }
     let mut chars = 0usize;
+    let mut head: Option<String> = None;
+    let mut seen = |text: &str, chars: &mut usize| {
+        *chars = chars.saturating_add(text.chars().count());
+        if head.is_none() {
+            head = Some(text.chars().take(PROMPT_HEAD_CHARS).collect());
+        }
+    };
     for (i, message) in messages.iter().enumerate() {
         let Value::Object(message) = message else {
             return Err(bad(
@@ -217,13 +238,11 @@ fn message_chars(body: &Map<String, Value>) -> Result<usize, BadRequest> {
         }
         match message.get("content") {
             None | Some(Value::Null) => {}
-            Some(Value::String(text)) => chars = chars.saturating_add(text.chars().count()),
+            Some(Value::String(text)) => seen(text, &mut chars),
             Some(Value::Array(parts)) => {
                 for part in parts {
                     match part.get("text") {
-                        Some(Value::String(text)) => {
-                            chars = chars.saturating_add(text.chars().count());
-                        }
+                        Some(Value::String(text)) => seen(text, &mut chars),
                         None if part.is_object() => {}
                         _ => {
                             return Err(bad(
@@ -244,7 +263,7 @@ fn message_chars(body: &Map<String, Value>) -> Result<usize, BadRequest> {
             }
         }
     }
-    Ok(chars)
+    Ok((chars, head.unwrap_or_default()))
 }
 
 #[cfg(test)]
@@ -265,12 +284,12 @@ mod tests {
         assert!(!r.stream && !r.include_usage);
         assert_eq!(r.prompt_tokens, 3, "ceil(9 / 4)");
         assert_eq!(
-            r.planned_output(),
+            r.planned_output(None),
             (DEFAULT_OUTPUT_TOKENS, FinishReason::Stop)
         );
         let r = parse(r#"{"messages":[{"role":"user","content":""}],"max_tokens":5}"#).unwrap();
         assert_eq!(r.prompt_tokens, 1, "at least one token");
-        assert_eq!(r.planned_output(), (5, FinishReason::Length));
+        assert_eq!(r.planned_output(None), (5, FinishReason::Length));
     }
 
     #[test]
@@ -286,10 +305,11 @@ mod tests {
         assert_eq!(r.prompt_tokens, 900);
         assert_eq!(r.task, Some(Task::Mmlu));
         assert_eq!(r.prompt_id.as_deref(), Some("llmr-1"));
-        assert_eq!(r.planned_output(), (50, FinishReason::Length));
+        assert_eq!(r.planned_output(None), (50, FinishReason::Length));
+        assert_eq!(r.prompt_head, "ab", "the first message's text");
         let r = parse(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"héllo"}]}],"qosroute":{"output_tokens":7}}"#).unwrap();
         assert_eq!(r.prompt_tokens, 2, "5 characters, not 6 bytes");
-        assert_eq!(r.planned_output(), (7, FinishReason::Stop));
+        assert_eq!(r.planned_output(None), (7, FinishReason::Stop));
     }
 
     #[test]
@@ -361,6 +381,28 @@ mod tests {
         assert!(parse(r#"{"messages":[{"role":"user","content":null}],"max_tokens":null,"qosroute":null,"stream_options":null}"#).is_ok());
     }
 
+    #[test]
+    fn a_known_answer_length_is_generated_up_to_max_tokens() {
+        let long = "x".repeat(3 * PROMPT_HEAD_CHARS);
+        let body =
+            format!(r#"{{"messages":[{{"role":"user","content":"{long}"}}],"max_tokens":600}}"#);
+        let r = parse(&body).unwrap();
+        assert_eq!(r.prompt_head.len(), PROMPT_HEAD_CHARS);
+        // The truth under the cap is generated whole; above it, cut at the cap.
+        assert_eq!(r.planned_output(Some(431)), (431, FinishReason::Stop));
+        assert_eq!(r.planned_output(Some(600)), (600, FinishReason::Stop));
+        assert_eq!(r.planned_output(Some(601)), (600, FinishReason::Length));
+        assert_eq!(
+            r.planned_output(Some(0)),
+            (DEFAULT_OUTPUT_TOKENS, FinishReason::Stop)
+        );
+        // A length the request asks for wins over the known one.
+        let r =
+            parse(r#"{"messages":[{"role":"user","content":"q"}],"qosroute":{"output_tokens":9}}"#)
+                .unwrap();
+        assert_eq!(r.planned_output(Some(431)), (9, FinishReason::Stop));
+    }
+
     proptest! {
         #[test]
         fn no_body_panics(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
@@ -371,7 +413,7 @@ mod tests {
         fn no_json_value_panics(text in r#"\{"messages":\[\{"role":"user","content":"[a-z]{0,9}"\}\](,"(max_tokens|n|stream|qosroute|model)":(-?[0-9]{1,12}|"x"|null|true|\{"(output_tokens|prompt_tokens|task)":(-?[0-9]{1,12}|"mmlu"|\[\])\}))*\}"#) {
             if let Ok(r) = ChatCompletionRequest::parse(text.as_bytes()) {
                 prop_assert!(r.prompt_tokens >= 1);
-                let (n, _) = r.planned_output();
+                let (n, _) = r.planned_output(None);
                 prop_assert!(n >= 1);
             }
         }

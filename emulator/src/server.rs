@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::AnswerTokens;
 use crate::driver::{Counters, EmulatorClock, Progress, Submission, bump};
 use crate::faults::Faults;
 use crate::quality::AnswerQuality;
@@ -44,6 +45,17 @@ pub(crate) struct Shared {
     /// Cancelled when shutdown begins: stop accepting, release hung requests.
     pub closing: CancellationToken,
     pub next_answer: AtomicU64,
+    /// The true length of the answer to a prompt, when the site knows it.
+    pub answer_tokens: KnownLengths,
+}
+
+/// [`crate::EmulatorOptions::answer_tokens`], debug-printable.
+pub(crate) struct KnownLengths(pub Option<AnswerTokens>);
+
+impl std::fmt::Debug for KnownLengths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "known" } else { "unknown" })
+    }
 }
 
 impl Shared {
@@ -289,7 +301,12 @@ async fn chat_completions(
             Some("model"),
         );
     }
-    let (wanted, mut finish) = request.planned_output();
+    let known = shared
+        .answer_tokens
+        .0
+        .as_ref()
+        .and_then(|f| f(&request.prompt_head));
+    let (wanted, mut finish) = request.planned_output(known);
     let output_tokens = match servable_output(&shared.profile, request.prompt_tokens, wanted) {
         Ok(n) => n,
         Err(e @ Unservable::PromptTooLong { .. }) => {

@@ -147,6 +147,51 @@ async fn a_whole_answer_is_one_completion_with_usage_and_extension() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_site_that_knows_its_answers_gets_them_whole_up_to_max_tokens() {
+    let p = profile(4, 20_000, slow_latency());
+    let mut o = options(&p);
+    // The answer to a prompt starting with `long` is 40 tokens, to `short` 3; others unknown.
+    o.answer_tokens = Some(Arc::new(|head: &str| {
+        if head.starts_with("long") {
+            Some(40)
+        } else if head.starts_with("short") {
+            Some(3)
+        } else {
+            None
+        }
+    }));
+    let expert = start(p.clone(), o).await;
+    let c = client();
+    let url = format!("{}/v1/chat/completions", expert.base_url());
+    let ask = |prompt: &str, max_tokens: u32| json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens});
+    for (prompt, max_tokens, tokens, finish) in [
+        ("short question", 30, 3, "stop"),
+        ("long question", 30, 30, "length"),
+        ("long question", 40, 40, "stop"),
+        ("other", 200, DEFAULT_OUTPUT_TOKENS, "stop"),
+    ] {
+        let v: Value = c
+            .post(&url)
+            .json(&ask(prompt, max_tokens))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            v["usage"]["completion_tokens"], tokens,
+            "{prompt} {max_tokens}"
+        );
+        assert_eq!(
+            v["choices"][0]["finish_reason"], finish,
+            "{prompt} {max_tokens}"
+        );
+    }
+    expert.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn models_and_health_answer() {
     let p = profile(4, 20_000, slow_latency());
     let mut o = options(&p);
