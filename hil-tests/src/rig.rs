@@ -74,6 +74,7 @@ pub fn trace_requests(
     for r in &mut plan {
         r.arrival_s -= first;
         r.output_tokens = r.output_tokens.clamp(1, max_output);
+        r.max_tokens = r.output_tokens;
     }
     Ok(plan)
 }
@@ -93,6 +94,7 @@ pub fn steady_requests(
             task,
             prompt_tokens,
             output_tokens,
+            max_tokens: output_tokens,
             quality_row: None,
         })
         .collect()

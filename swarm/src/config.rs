@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use qosroute_core::SloTable;
 use rumqttc::v5::MqttOptions;
 use rumqttc::{TlsConfiguration, Transport};
 
@@ -31,7 +32,14 @@ pub struct SwarmConfig {
     /// Whether the devices ask for streamed replies.
     pub stream: bool,
     /// The latency target devices put in their requests; `None`: the gateway's per-task SLO.
+    /// Set, it is also the target the devices judge their answers by.
     pub slo_s_per_token: Option<f32>,
+    /// The latency targets the devices judge their answers by when their requests carry none
+    /// (`slo_s_per_token`), per task, in wall-clock seconds per output token: a device then
+    /// decides itself whether its SLO was met, by the simulator's rule, from its publish to
+    /// the last token ([`crate::RequestRecord::slo_met`]). `None`: the devices take the
+    /// gateway's verdict (its clock, from when it received the request).
+    pub device_slo: Option<SloTable>,
     /// A published request with no final or error reply this long after its publish is lost.
     pub reply_timeout: Duration,
     /// After the last request ended, the devices keep listening this long, to count late
@@ -80,6 +88,7 @@ impl SwarmConfig {
             postcard_share: 0.25,
             stream: true,
             slo_s_per_token: None,
+            device_slo: None,
             reply_timeout: Duration::from_secs(60),
             linger: Duration::from_secs(1),
             unique_prompts: false,
@@ -92,6 +101,19 @@ impl SwarmConfig {
             queue_capacity: 4096,
             max_inflight: 256,
         }
+    }
+
+    /// The target a device judges a `task` request by, seconds per output token (see
+    /// `device_slo`); `None`: the gateway's verdict.
+    pub fn judging_slo(&self, task: qosroute_proto::Task) -> Option<f64> {
+        if let Some(slo) = self.slo_s_per_token {
+            return Some(f64::from(slo));
+        }
+        let table = self.device_slo.as_ref()?;
+        Some(match task.as_str().parse::<qosroute_core::Task>() {
+            Ok(t) => table.slo_s_per_token(t),
+            Err(_) => table.default_s_per_token,
+        })
     }
 
     /// Checks every value; the first problem names its field.
@@ -141,6 +163,11 @@ impl SwarmConfig {
                 "slo_s_per_token",
                 format!("{slo} is not positive and finite"),
             );
+        }
+        if let Some(table) = &self.device_slo {
+            table
+                .validate()
+                .or_else(|e| bad("device_slo", e.to_string()))?;
         }
         if self.reply_timeout.is_zero() {
             return bad("reply_timeout", "must be longer than 0".into());

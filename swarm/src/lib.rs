@@ -6,8 +6,10 @@
 //! workload) at their arrival times divided by the replay speed, each from device
 //! `i % devices`, on `qosroute/v1/{site}/req/{device}` (`/pc` for postcard), with an MQTT 5
 //! response topic of the device's own and the request id as correlation data. It records per
-//! request ([`RequestRecord`]) when it was published, when its first chunk came, how it ended
-//! (final, or error with its code), the expert, tokens, seconds per token and the SLO verdict,
+//! request ([`RequestRecord`]) when it was published, when its first chunk and its last token
+//! came, how it ended (final, or error with its code), the expert, tokens, seconds per token
+//! and the SLO verdicts (the gateway's, and the device's own when it has a latency target:
+//! [`SwarmConfig::device_slo`]),
 //! and how many final-or-error replies came (exactly one is right: more are duplicates, none is
 //! lost). Replies it cannot attribute are counted ([`UnexpectedReplies`]), never fatal.
 //!
@@ -27,7 +29,7 @@
 //! # }
 //! ```
 //!
-//! Memory is one fixed-size record per request (152 bytes) plus the interned expert
+//! Memory is one fixed-size record per request (192 bytes) plus the interned expert
 //! names; nothing is printed. [`probe_gateway`] waits until a gateway answers on a site.
 
 mod config;
@@ -39,7 +41,7 @@ mod truth;
 pub use config::{SwarmConfig, parse_broker_url};
 pub use record::{Outcome, RequestRecord, SwarmRequest, UnexpectedReplies};
 pub use report::{ExpertShare, Percentiles, SwarmReport, SwarmSummary, TimelinePoint};
-pub use swarm::{Swarm, SwarmProgress, probe_gateway, unique_prompt};
+pub use swarm::{Swarm, SwarmProgress, probe_gateway, request_index, unique_prompt};
 pub use truth::QualityTruth;
 
 /// Largest prompt a device sends, in tokens: prompts are about four bytes per token (as the

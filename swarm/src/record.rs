@@ -15,16 +15,22 @@ pub struct SwarmRequest {
     /// Prompt length in tokens (the prompt is about four bytes per token, so at most
     /// [`crate::MAX_PROMPT_TOKENS`]).
     pub prompt_tokens: u32,
-    /// Output tokens wanted (the request's `max_tokens`).
+    /// The true length of the answer, in tokens: the workload's. Not sent (a device does not
+    /// know how long its answer will be); a site that emulates its experts may use it
+    /// (`qosroute_emulator::EmulatorOptions::answer_tokens`).
     pub output_tokens: u32,
+    /// The request's `max_tokens`, as the device sends it.
+    pub max_tokens: u32,
     /// Row of the quality table holding the true quality of every model on this request,
     /// when known (see [`crate::QualityTruth`]).
     pub quality_row: Option<u32>,
 }
 
 impl SwarmRequest {
-    /// The requests of a simulator workload, in arrival order. A task the wire format does not
-    /// know becomes `chat`.
+    /// The requests of a simulator workload, in arrival order, each asking for exactly its
+    /// answer's length as `max_tokens` (an oracle: a gateway that caps its predictions at
+    /// `max_tokens` then knows every answer's length; set a realistic `max_tokens` for a fair
+    /// comparison of routers). A task the wire format does not know becomes `chat`.
     pub fn from_workload(workload: &Workload) -> Vec<SwarmRequest> {
         workload
             .requests
@@ -34,6 +40,7 @@ impl SwarmRequest {
                 task: r.task.as_str().parse().unwrap_or(Task::Chat),
                 prompt_tokens: r.prompt_tokens,
                 output_tokens: r.output_tokens,
+                max_tokens: r.output_tokens,
                 quality_row: u32::try_from(r.quality_row).ok(),
             })
             .collect()
@@ -126,7 +133,19 @@ pub struct RequestRecord {
     pub gateway_total_ms: Option<u32>,
     /// Achieved seconds per output token as the gateway measured it (final reply).
     pub s_per_token: Option<f32>,
-    /// Whether the gateway says the SLO was met (final reply).
+    /// Whether the gateway says the SLO was met (final reply): its own clock, from when it
+    /// received the request to when it sent the final reply.
+    pub gateway_slo_met: Option<bool>,
+    /// The latency target the device judges its answer by, seconds per output token
+    /// ([`crate::SwarmConfig::slo_s_per_token`], else [`crate::SwarmConfig::device_slo`]);
+    /// `None`: the device has none and takes the gateway's verdict.
+    pub slo_s_per_token: Option<f64>,
+    /// When the last token of the answer arrived (the last chunk with text; the final reply
+    /// when no chunk carried text).
+    pub last_token_s: Option<f64>,
+    /// Whether the SLO was met, the verdict QoS uses (final reply): with a target of its own,
+    /// the device's, by the simulator's rule (`qosroute_core::slo_met`: per-token latency
+    /// from its publish to the last token, strictly under the target); else the gateway's.
     pub slo_met: Option<bool>,
     /// True quality of the answering expert's model on this request (from the truth).
     pub quality: Option<f32>,
@@ -156,7 +175,7 @@ impl RequestRecord {
             task: r.task,
             encoding,
             prompt_tokens: r.prompt_tokens.clamp(1, crate::MAX_PROMPT_TOKENS),
-            max_tokens: r.output_tokens.clamp(1, qosroute_proto::MAX_TOKENS_LIMIT),
+            max_tokens: r.max_tokens.clamp(1, qosroute_proto::MAX_TOKENS_LIMIT),
             quality_row: r.quality_row,
             scheduled_s: 0.0,
             published_s: None,
@@ -168,6 +187,9 @@ impl RequestRecord {
             gateway_ttft_ms: None,
             gateway_total_ms: None,
             s_per_token: None,
+            gateway_slo_met: None,
+            slo_s_per_token: None,
+            last_token_s: None,
             slo_met: None,
             quality: None,
             chunks: 0,
@@ -205,12 +227,27 @@ impl RequestRecord {
         Some(self.ended_s? - self.published_s?)
     }
 
-    /// Seconds per output token as the device saw it (publish to final reply).
+    /// Seconds per output token as the device saw it: the simulator's per-token latency
+    /// (`qosroute_core::per_token_latency_s`) from its publish to the last token.
     pub fn device_s_per_token(&self) -> Option<f64> {
         match self.outcome {
-            Outcome::Completed => Some(self.e2e_s()? / f64::from(self.output_tokens?.max(1))),
+            Outcome::Completed => Some(qosroute_core::per_token_latency_s(
+                self.published_s?,
+                self.last_token_s.or(self.ended_s)?,
+                self.output_tokens?,
+            )),
             _ => None,
         }
+    }
+
+    /// Records the final reply's verdict: the device's own when it has a target (the
+    /// simulator's rule on [`RequestRecord::device_s_per_token`]), else `gateway_slo_met`.
+    pub(crate) fn judge(&mut self) {
+        self.slo_met = match (self.slo_s_per_token, self.device_s_per_token()) {
+            (Some(slo), Some(l)) => Some(qosroute_core::slo_met(l, slo)),
+            (Some(_), None) => Some(false),
+            (None, _) => self.gateway_slo_met,
+        };
     }
 
     /// Records the end whose payload has `digest`: false when it is a redelivery of the first
@@ -272,7 +309,7 @@ mod tests {
     #[test]
     fn a_record_is_small_and_fixed_size() {
         let size = std::mem::size_of::<RequestRecord>();
-        assert!(size <= 160, "{size} bytes");
+        assert!(size <= 192, "{size} bytes");
     }
 
     #[test]
@@ -282,6 +319,7 @@ mod tests {
             task: Task::Gsm8k,
             prompt_tokens: 0,
             output_tokens: 0,
+            max_tokens: 0,
             quality_row: Some(1),
         };
         let base = RequestRecord::new(0, 0, Encoding::Json, &r);
@@ -311,12 +349,64 @@ mod tests {
     }
 
     #[test]
+    fn the_device_judges_from_its_publish_to_the_last_token_strictly_under_its_target() {
+        let r = SwarmRequest {
+            arrival_s: 0.0,
+            task: Task::Mmlu,
+            prompt_tokens: 100,
+            output_tokens: 300,
+            max_tokens: 600,
+            quality_row: Some(1),
+        };
+        // Published at 1 s, last token at 26 s, final reply at 26.5 s, 200 tokens: the device
+        // sees (26 - 1) / 200 = 0.125 s per token. The gateway (its own clock, from receipt
+        // to its final reply) said the SLO was met.
+        let done = RequestRecord {
+            published_s: Some(1.0),
+            first_chunk_s: Some(2.0),
+            last_token_s: Some(26.0),
+            ended_s: Some(26.5),
+            outcome: Outcome::Completed,
+            output_tokens: Some(200),
+            gateway_slo_met: Some(true),
+            quality: Some(0.75),
+            ..RequestRecord::new(0, 0, Encoding::Json, &r)
+        };
+        assert_eq!(
+            done.max_tokens, 600,
+            "max_tokens as sent, not the answer's length"
+        );
+        assert_eq!(done.device_s_per_token(), Some(0.125));
+        let judged = |slo: Option<f64>| {
+            let mut x = RequestRecord {
+                slo_s_per_token: slo,
+                ..done
+            };
+            x.judge();
+            (x.slo_met, x.qos())
+        };
+        // At the target is a miss (the simulator's strict <), whatever the gateway says.
+        assert_eq!(judged(Some(0.125)), (Some(false), Some(0.0)));
+        assert_eq!(judged(Some(0.124)), (Some(false), Some(0.0)));
+        assert_eq!(judged(Some(0.126)), (Some(true), Some(0.75)));
+        // Without a target of its own, the device takes the gateway's verdict.
+        assert_eq!(judged(None), (Some(true), Some(0.75)));
+        // No chunk with text: the last token came with the final reply, (26.5 - 1) / 200.
+        let no_chunks = RequestRecord {
+            last_token_s: None,
+            ..done
+        };
+        assert_eq!(no_chunks.device_s_per_token(), Some(0.1275));
+    }
+
+    #[test]
     fn a_byte_identical_copy_of_the_end_is_a_redelivery_and_a_different_one_a_duplicate() {
         let req = SwarmRequest {
             arrival_s: 0.0,
             task: Task::Chat,
             prompt_tokens: 10,
             output_tokens: 5,
+            max_tokens: 5,
             quality_row: None,
         };
         let mut r = RequestRecord::new(0, 0, Encoding::Json, &req);

@@ -148,8 +148,16 @@ pub struct SwarmSummary {
     pub completed_per_s: f64,
     /// Largest delay of a publish behind its schedule, seconds.
     pub max_publish_lag_s: f64,
-    /// Fraction of completed requests that missed their SLO (gateway's verdict).
+    /// Fraction of completed requests that missed their SLO (the verdict QoS uses: the
+    /// devices' own when they have targets, see `slo_judged_by`).
     pub slo_violation_rate: f64,
+    /// Who judged the SLOs of the completed requests: `device` (each device, by the
+    /// simulator's rule, from its publish to the last token), `gateway` (the gateway's verdict
+    /// in its final reply), `mixed`, or `none` (nothing completed).
+    pub slo_judged_by: &'static str,
+    /// Fraction of completed requests the gateway says missed their SLO (its own clock, from
+    /// when it received the request to its final reply).
+    pub gateway_slo_violation_rate: f64,
     /// Mean realised QoS over published requests (errors and lost requests earn 0); NaN when
     /// a completed request's quality is unknown.
     pub avg_qos: f64,
@@ -241,6 +249,20 @@ impl SwarmReport {
             .iter()
             .filter(|r| r.slo_met != Some(true))
             .count();
+        let gateway_violations = completed_records
+            .iter()
+            .filter(|r| r.gateway_slo_met != Some(true))
+            .count();
+        let by_device = completed_records
+            .iter()
+            .filter(|r| r.slo_s_per_token.is_some())
+            .count();
+        let slo_judged_by = match by_device {
+            _ if completed_records.is_empty() => "none",
+            0 => "gateway",
+            n if n == completed_records.len() => "device",
+            _ => "mixed",
+        };
         let sent: Vec<&RequestRecord> =
             records.iter().filter(|r| r.published_s.is_some()).collect();
         let qos: Option<Vec<f64>> = sent.iter().map(|r| r.qos()).collect();
@@ -316,6 +338,8 @@ impl SwarmReport {
                 .filter_map(|r| Some(r.published_s? - r.scheduled_s))
                 .fold(0.0, f64::max),
             slo_violation_rate: ratio(violations as f64, completed as f64),
+            slo_judged_by,
+            gateway_slo_violation_rate: ratio(gateway_violations as f64, completed as f64),
             avg_qos,
             avg_quality_served,
             ttft_s: of(RequestRecord::ttft_s),
@@ -399,6 +423,7 @@ mod tests {
             task: Task::Mmlu,
             prompt_tokens: 100,
             output_tokens: 10,
+            max_tokens: 10,
             quality_row: Some(index),
         };
         let mut rec = RequestRecord::new(index, 0, Encoding::Json, &r);
@@ -417,6 +442,7 @@ mod tests {
             gateway_ttft_ms: Some(50),
             gateway_total_ms: Some(900),
             s_per_token: Some(spt),
+            gateway_slo_met: Some(slo_met),
             slo_met: Some(slo_met),
             quality: Some(quality),
             chunks: 2,
@@ -500,6 +526,8 @@ mod tests {
         assert!((s.avg_qos - 1.4 / 5.0).abs() < 1e-6, "{}", s.avg_qos);
         assert!((s.avg_quality_served - (0.8 + 0.6 + 0.9) / 3.0).abs() < 1e-6);
         assert!((s.slo_violation_rate - 1.0 / 3.0).abs() < 1e-12);
+        assert!((s.gateway_slo_violation_rate - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(s.slo_judged_by, "gateway");
         assert!((s.publish_span_s - 4.0).abs() < 1e-12);
         assert!((s.requests_per_s - 5.0 / 4.0).abs() < 1e-12);
         assert!((s.max_publish_lag_s - 0.5).abs() < 1e-12);
@@ -513,6 +541,25 @@ mod tests {
         assert!((s.experts[0].slo_violation_rate - 0.5).abs() < 1e-12);
         assert!((s.experts[0].avg_qos - 0.4).abs() < 1e-6);
         assert!((s.experts[1].per_token_p50_s - 0.02).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_devices_verdict_counts_and_the_gateways_is_kept_beside_it() {
+        // Both completed, the gateway says both met their SLO; the first device saw a miss.
+        let mut late = completed(0, 0, true, 0.8, 0.01);
+        late.slo_s_per_token = Some(0.05);
+        late.slo_met = Some(false);
+        let mut fine = completed(1, 0, true, 0.6, 0.01);
+        fine.slo_s_per_token = Some(0.05);
+        let s = report(vec![late, fine]).summary();
+        assert_eq!(s.slo_judged_by, "device");
+        assert!((s.slo_violation_rate - 0.5).abs() < 1e-12);
+        assert_eq!(s.gateway_slo_violation_rate, 0.0);
+        assert!((s.avg_qos - 0.3).abs() < 1e-6, "{}", s.avg_qos);
+        let mut gateway = completed(2, 0, true, 0.6, 0.01);
+        gateway.slo_s_per_token = None;
+        assert_eq!(report(vec![late, gateway]).summary().slo_judged_by, "mixed");
+        assert_eq!(report(vec![]).summary().slo_judged_by, "none");
     }
 
     #[test]

@@ -199,6 +199,7 @@ impl Swarm {
                 let mut record =
                     RequestRecord::new(i as u32, (i % config.devices) as u32, encoding, r);
                 record.scheduled_s = (r.arrival_s / config.speed).max(0.0);
+                record.slo_s_per_token = config.judging_slo(r.task);
                 record
             })
             .collect();
@@ -529,6 +530,9 @@ fn on_reply(shared: &Shared, device: usize, publish: &Publish) -> Option<Feedbac
             }
             r.chunks = r.chunks.saturating_add(1);
             r.first_chunk_s.get_or_insert(now);
+            if !c.text.is_empty() {
+                r.last_token_s = Some(now);
+            }
             if r.expert.is_none() {
                 r.expert = intern(experts, c.expert.as_str());
             }
@@ -551,14 +555,15 @@ fn on_reply(shared: &Shared, device: usize, publish: &Publish) -> Option<Feedbac
             r.gateway_ttft_ms = Some(f.ttft_ms);
             r.gateway_total_ms = Some(f.total_ms);
             r.s_per_token = Some(f.s_per_token);
-            r.slo_met = Some(f.slo_met);
+            r.gateway_slo_met = Some(f.slo_met);
+            r.judge();
             r.quality = match (&shared.truth, r.quality_row) {
                 (Some(truth), Some(row)) => truth.quality(row, f.expert.as_str()),
                 _ => None,
             };
             progress.ended += 1;
             progress.completed += 1;
-            if !f.slo_met {
+            if r.slo_met != Some(true) {
                 progress.slo_violations += 1;
             }
             if let Some(qos) = r.qos() {
@@ -632,6 +637,19 @@ fn send_feedback(shared: &Shared, device: &Device, f: FeedbackToSend) {
 /// filler words, 4 bytes per token. For measuring a server directly with what devices send.
 pub fn unique_prompt(id: &str, tokens: u32) -> String {
     prompt_of(&prompt_text(), id, tokens, true).into_owned()
+}
+
+/// The index of a request in its workload, from the head of its prompt sent with
+/// [`SwarmConfig::unique_prompts`](crate::SwarmConfig::unique_prompts) (`{run tag}-{index}: ...`);
+/// `None` for any other prompt. For a site that knows each request's answer (the demo's
+/// emulated experts look up its length).
+pub fn request_index(prompt_head: &str) -> Option<u32> {
+    let (id, _) = prompt_head.split_once(": ")?;
+    let (tag, index) = id.rsplit_once('-')?;
+    if tag.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    index.parse().ok()
 }
 
 /// The prompt of a request of `tokens` tokens: that many 4-byte tokens of the filler text
@@ -917,6 +935,23 @@ mod tests {
         assert_ne!(a.as_bytes()[3], b.as_bytes()[3]);
         // Shorter than its id: the id and nothing else is cut.
         assert_eq!(prompt_of(&filler, "ab-7", 1, true), "ab-7: ");
+    }
+
+    #[test]
+    fn a_unique_prompt_names_its_request() {
+        let filler = prompt_text();
+        let p = prompt_of(&filler, "0badc0de-1234", 30, true);
+        assert_eq!(request_index(&p), Some(1234));
+        assert_eq!(request_index(&unique_prompt("a-b-7", 10)), Some(7));
+        for other in [
+            "the quick brown fox",
+            "0badc0de-12x: q",
+            "-5: q",
+            "7: q",
+            "",
+        ] {
+            assert_eq!(request_index(other), None, "{other}");
+        }
     }
 
     #[test]

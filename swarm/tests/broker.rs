@@ -24,6 +24,7 @@ fn requests(n: usize, gap_s: f64) -> Vec<SwarmRequest> {
             task: Task::Mmlu,
             prompt_tokens: 50 + 10 * i as u32,
             output_tokens: 8,
+            max_tokens: 8,
             quality_row: None,
         })
         .collect()
@@ -289,7 +290,7 @@ drain_deadline_s = 3.0
     let workload = qosroute_sim::generate("poisson:rate=25,n=60", &table, 7).unwrap();
     let mut plan = SwarmRequest::from_workload(&workload);
     for r in &mut plan {
-        r.output_tokens = r.output_tokens.min(24);
+        r.max_tokens = r.max_tokens.min(24);
     }
     let truth = QualityTruth::new(table.clone(), names);
     let swarm = Swarm::start(config, &plan, Some(truth)).await.unwrap();
