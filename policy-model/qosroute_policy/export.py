@@ -179,8 +179,10 @@ def plot_curves(history, path):
     axes[0].set_title("training episode avg QoS")
     axes[1].plot(history["steps"], history["value_loss"], label="value")
     axes[1].plot(history["steps"], history["policy_loss"], label="policy")
-    axes[1].legend()
-    axes[1].set_title("losses")
+    axes[1].plot(history["steps"], history["imitation"], label="imitation")
+    axes[1].plot(history["steps"], history["teacher_agreement"], label="agreement with teacher")
+    axes[1].legend(fontsize=7)
+    axes[1].set_title("losses (DAgger, then PPO)")
     for i, point in enumerate(history["eval"]):
         for row in point["rows"]:
             axes[2].scatter(point["steps"], row["model"] - row["qos_greedy"], s=10, color=f"C{EVAL_ORDER.index(row['scenario']) % 10}",
@@ -204,8 +206,12 @@ def write_report_markdown(report, path):
     lines = [
         f"# Training report: {a['arch']} router, seed {a['seed']}",
         "",
-        f"- steps {a['total_steps']}, envs {a['num_envs']} x {a['num_steps']}, episode {a['episode_requests']} requests, "
-        f"loads {a['load_min']}-{a['load_max']} x capacity, impact penalty {'on' if a['impact_penalty'] else 'off'}",
+        f"- teacher {a['teacher']} ({a['planner'] if a['teacher'] == 'qos-planner' else 'no planner'}), "
+        f"{a['dagger_iterations'] if a['teacher'] != 'none' else 0} DAgger iterations, then {a['total_steps']} PPO steps; "
+        f"{a['num_envs']} envs x {a['episode_requests']}-request episodes, loads {a['load_min']}-{a['load_max']} x capacity, "
+        f"impact penalty {'on' if a['impact_penalty'] else 'off'}",
+        f"- checkpoint kept: after {report['history'].get('kept_steps', 'all')} environment steps "
+        f"(best mean ratio to qos-greedy on the training-split evaluation scenarios)",
         f"- parameters {report['parameters']}, wall time {report['wall_time_s']} s, torch {report['torch']}",
         f"- ONNX f32 {report['export']['f32']['bytes']} B, int8 {report['export']['int8']['bytes']} B; "
         f"onnxruntime vs torch: f32 max |diff| {report['export']['f32']['onnxruntime_max_abs_diff']:.2e}, "

@@ -157,12 +157,21 @@ class HanRouter(nn.Module):
         return logits, self.value(context).squeeze(-1)
 
 
+def masked_mean(nodes, adj):
+    """Mean of the in-flight nodes `[B, N, F]` that some expert links to in `adj` `[B, E, N]`
+    (0 when there is none)."""
+    real = torch.clamp(adj.sum(dim=1), max=1.0).unsqueeze(-1)  # [B, N, 1]
+    return (nodes * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
+
+
 class FlatMlpRouter(nn.Module):
     """Ablation: an MLP over flat padded features, without the graph's attention.
 
     Each expert is scored from its own features, the request's, its counts of running and
     waiting requests (row sums of the adjacency masks) and an unstructured mean of every
     in-flight node of the cluster: what a flat feature vector can carry, no message passing.
+    The means are over real nodes only (a node is real when an expert links to it), so padding
+    never changes a logit.
     """
 
     def __init__(self, request_features, expert_features, in_flight_features, hidden=64):
@@ -174,7 +183,7 @@ class FlatMlpRouter(nn.Module):
         self.value = nn.Sequential(nn.Linear(flat + expert_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def forward(self, request, expert, running, waiting, running_adj, waiting_adj, expert_valid, action_mask):
-        flat = torch.cat([request, running.mean(dim=1), waiting.mean(dim=1)], dim=-1)  # [B, FR + 2 FI]
+        flat = torch.cat([request, masked_mean(running, running_adj), masked_mean(waiting, waiting_adj)], dim=-1)
         counts = torch.stack([running_adj.sum(dim=-1), waiting_adj.sum(dim=-1)], dim=-1) / 64.0  # [B, E, 2]
         e = expert.shape[1]
         per_expert = torch.cat([expert, counts, flat.unsqueeze(1).expand(-1, e, -1)], dim=-1)

@@ -11,6 +11,10 @@ the criterion estimates of `cargo bench -p qosroute-core --bench planner`):
     python -m qosroute_policy.results --planner policy-model/models/han
     python -m qosroute_policy.results --settings out/planner-settings
 
+Learned routers on what training never saw (scripts/evaluate-heldout.sh), by variant:
+
+    python -m qosroute_policy.results --heldout out/heldout --variant HAN=dir1,dir2,dir3
+
 Several trained models per variant (training seeds), side by side, with paired gains over
 qos-greedy (same workload seed, same scenario):
 
@@ -180,6 +184,90 @@ def variants_table(variants):
     return "\n".join(lines), "\n".join(gain_lines)
 
 
+HELDOUT = [
+    ("edge-late-x0.5", "edge-mixed, conv trace last 20 min, x0.5"),
+    ("edge-late-x1", "edge-mixed, conv trace last 20 min, x1"),
+    ("metro8-late-x1", "metro-8x (held out, 8 experts), last 20 min, x1"),
+    ("campus12-late-x1", "campus-12x (held out, 12 experts), last 20 min, x1"),
+]
+
+
+def heldout_runs(directory, key):
+    """{policy: {seed: run}} of one held-out scenario; learned routers keyed by their folder."""
+    out = {}
+    for r in json.load(open(os.path.join(directory, f"{key}.json")))["runs"]:
+        policy = r["policy"]
+        if policy.startswith("han:"):
+            policy = os.path.normpath(os.path.dirname(policy[4:]))
+        out.setdefault(policy, {})[r["seed"]] = r
+    return out
+
+
+def spread(values):
+    """Mean ± standard error, and the count."""
+    v = np.asarray(values, dtype=float)
+    se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+    return v.mean(), se
+
+
+def heldout_tables(directory, variants):
+    """variants: [(label, [model dirs])]. Per held-out scenario: average QoS of every variant
+    (mean ± std over training seeds x workload seeds), qos-greedy, qos-planner and the best other
+    baseline; paired gains over qos-greedy (mean ± standard error, wins); ratios of mean average
+    QoS to qos-greedy's and to qos-planner's; SLO-violation change in points."""
+    labels = [label for label, _ in variants]
+    quality = ["| scenario | " + " | ".join(labels) + " | qos-planner | qos-greedy | best other baseline |",
+               "|---" * (len(labels) + 4) + "|"]
+    gains = ["| scenario | " + " | ".join(labels) + " | qos-planner |", "|---" * (len(labels) + 2) + "|"]
+    ratios = {label: [] for label in labels + ["qos-planner"]}
+    to_planner = {label: [] for label in labels}
+    slo_change = {label: [] for label in labels + ["qos-planner"]}
+    below = {label: [] for label in labels + ["qos-planner"]}
+    for key, title in HELDOUT:
+        if not os.path.exists(os.path.join(directory, f"{key}.json")):
+            continue
+        runs = heldout_runs(directory, key)
+        greedy = runs["qos-greedy"]
+        planner = next(v for p, v in runs.items() if p.startswith("qos-planner"))
+
+        def cell(per_seed_runs):
+            q = [r["avg_qos"] for r in per_seed_runs]
+            v = [r["slo_violation_rate"] for r in per_seed_runs]
+            return f"{np.mean(q):.4f} ± {np.std(q):.4f} ({100 * np.mean(v):.1f} %)", np.mean(q), np.mean(v)
+
+        g_cell, g_q, g_v = cell(greedy.values())
+        p_cell, p_q, p_v = cell(planner.values())
+        cells, gain_cells = [], []
+        for label, dirs in variants:
+            mine = [runs[os.path.normpath(d)][seed] for d in dirs for seed in sorted(greedy)]
+            paired = [runs[os.path.normpath(d)][seed]["avg_qos"] - greedy[seed]["avg_qos"] for d in dirs for seed in sorted(greedy)]
+            text, q, v = cell(mine)
+            cells.append(text)
+            m, se = spread(paired)
+            gain_cells.append(f"{m:+.4f} ± {se:.4f} ({sum(x > 0 for x in paired)}/{len(paired)})")
+            ratios[label].append(q / g_q)
+            to_planner[label].append(q / p_q)
+            slo_change[label].append(100 * (v - g_v))
+            below[label].append(m + 2 * se < 0)
+        pp = [planner[seed]["avg_qos"] - greedy[seed]["avg_qos"] for seed in sorted(greedy)]
+        m, se = spread(pp)
+        gain_cells.append(f"{m:+.4f} ± {se:.4f} ({sum(x > 0 for x in pp)}/{len(pp)})")
+        ratios["qos-planner"].append(p_q / g_q)
+        slo_change["qos-planner"].append(100 * (p_v - g_v))
+        below["qos-planner"].append(m + 2 * se < 0)
+        others = [p for p in runs if is_baseline(p) and p != "qos-greedy" and not os.path.sep in p]
+        best = max(others, key=lambda p: np.mean([r["avg_qos"] for r in runs[p].values()]))
+        quality.append(f"| {title} | " + " | ".join(cells) + f" | {p_cell} | {g_cell} | {best}: {cell(runs[best].values())[0]} |")
+        gains.append(f"| {title} | " + " | ".join(gain_cells) + " |")
+    summary = ["| | " + " | ".join(labels) + " | qos-planner |", "|---" * (len(labels) + 2) + "|",
+               "| ratio to qos-greedy, mean over scenarios | " + " | ".join(f"**{np.mean(ratios[l]):.3f}x**" for l in labels)
+               + f" | {np.mean(ratios['qos-planner']):.3f}x |",
+               "| ratio to qos-planner, mean over scenarios | " + " | ".join(f"{np.mean(to_planner[l]):.3f}x" for l in labels) + " | 1 |",
+               "| worst SLO-violation change vs qos-greedy (points) | " + " | ".join(f"{max(slo_change[l]):+.1f}" for l in labels + ["qos-planner"]) + " |",
+               "| scenarios below qos-greedy beyond noise (gain + 2 s.e. < 0) | " + " | ".join(str(sum(below[l])) for l in labels + ["qos-planner"]) + " |"]
+    return "\n".join(summary), "\n".join(quality), "\n".join(gains)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", nargs="?", default="policy-model/models/han")
@@ -188,7 +276,17 @@ def main(argv=None):
     p.add_argument("--settings", help="a folder of compare JSONs over planner settings")
     p.add_argument("--criterion", default="target/criterion/planner_settings_E8_R100",
                    help="criterion's folder of the planner settings benchmark")
+    p.add_argument("--heldout", help="the folder of scripts/evaluate-heldout.sh (with --variant)")
     a = p.parse_args(argv)
+    if a.heldout:
+        variants = [(v.split("=", 1)[0], v.split("=", 1)[1].split(",")) for v in a.variant]
+        summary, quality, gains = heldout_tables(a.heldout, variants)
+        print(summary)
+        print("\nAverage QoS, mean ± std over training seeds x workload seeds (SLO-violation rate):\n")
+        print(quality)
+        print("\nPaired gain over qos-greedy (same scenario and workload seed), mean ± standard error (wins/pairs):\n")
+        print(gains)
+        return
     if a.settings:
         print(settings_table(a.settings, a.criterion))
         return

@@ -11,6 +11,10 @@ from qosroute_policy.export import TRACT_OPS, ops_of
 from qosroute_policy.han import INPUT_NAMES, FlatMlpRouter, HanRouter
 
 CATALOGUES = ["configs/experts/paper-3x7b.toml", "configs/experts/edge-mixed.toml"]
+# A tiny run of the whole recipe: one DAgger iteration on a cheap planner, two PPO rollouts.
+TINY = ["--total-steps", "256", "--num-envs", "4", "--episode-requests", "32", "--dagger-iterations", "1",
+        "--dagger-epochs", "1", "--planner", "qos-planner:k=2,h=2,min_futures=1", "--eval-every", "0",
+        "--eval-requests", "40"]
 
 
 def observations(steps=60, envs=4, seed=3):
@@ -42,20 +46,68 @@ def test_logits_are_masked_and_values_finite(arch):
     assert torch.all(torch.isfinite(value))
 
 
-def test_padding_does_not_change_the_real_logits():
+@pytest.mark.parametrize("arch", [HanRouter, FlatMlpRouter])
+def test_padding_does_not_change_the_real_logits(arch):
     """A graph padded with masked experts, running and waiting nodes scores its real actions
-    exactly as the unpadded graph: the padding is invisible to the network."""
+    exactly as the unpadded graph, for both architectures: the padding is invisible to the
+    network (the MLP's means of in-flight nodes are over real nodes only)."""
     torch.manual_seed(1)
-    model = HanRouter(sizes()["request"], sizes()["expert"], sizes()["in_flight"]).eval()
+    model = arch(sizes()["request"], sizes()["expert"], sizes()["in_flight"]).eval()
     obs = observations(steps=45, envs=1)[-1]
     e = obs["expert"].shape[1]
-    batch, e_pad = train.collate([obs, *observations(steps=45, envs=3, seed=9)[-1:]])
+    other = observations(steps=45, envs=3, seed=9)[-1]
+    batch, e_pad = train.collate([obs, other])
+    assert batch["running"].shape[1] > obs["running"].shape[1] or batch["waiting"].shape[1] > obs["waiting"].shape[1]
     with torch.no_grad():
         alone, _ = model(*train.to_tensors(obs))
         padded, _ = model(*[torch.from_numpy(batch[n][:1]) for n in INPUT_NAMES])
     real = list(range(e)) + [e_pad]  # experts, then reject (moved to the last column)
     assert e_pad >= e
     np.testing.assert_allclose(padded[0, real].numpy(), alone[0].numpy(), rtol=0, atol=1e-5)
+
+
+def test_advantages_bootstrap_a_cut_episode_with_the_last_value():
+    """Hand-computed GAE: gamma 0.5, lambda 1; the step after the last is valued V(s_last)."""
+    rewards = np.array([[1.0], [0.0]], dtype=np.float32)
+    values = np.array([[0.5], [0.2]], dtype=np.float32)
+    adv = train.advantages_of(rewards, values, gamma=0.5, lam=1.0)
+    # t=1: 0 + 0.5*0.2 - 0.2 = -0.1; t=0: 1 + 0.5*0.2 - 0.5 + 0.5*(-0.1) = 0.55
+    np.testing.assert_allclose(adv[:, 0], [0.55, -0.1], rtol=1e-6)
+    returns = train.discounted_returns(rewards, 0.5, np.array([0.4]))
+    np.testing.assert_allclose(returns[:, 0], [1.0 + 0.5 * 0.2, 0.2], rtol=1e-6)
+
+
+def test_each_decision_is_credited_with_its_own_requests_qos():
+    """The env's credits are the realised QoS of each request in decision order: they add up to
+    the episode's average QoS times its requests, and arrive only when the episode ends."""
+    env = simenv.SimEnv(CATALOGUES, envs=2, seed=4, episode_requests=50, load_min=1.0, load_max=2.0)
+    for t in range(50):
+        obs = env.observe()
+        out = env.step(obs["qos_greedy_action"].astype(np.int64))
+        for i in range(2):
+            assert (out["credits"][i] is not None) == (t == 49)
+    for i in range(2):
+        credits = out["credits"][i]
+        assert credits.shape == (50,)
+        assert np.all((credits >= 0) & (credits <= 1))
+        assert abs(credits.mean() - out["episode_avg_qos"][i]) < 1e-5
+    rewards = train.credited_rewards(np.array([0.8, 0.0]), np.array([0.1, 0.3]), impact_penalty=True)
+    np.testing.assert_allclose(rewards, [0.7, -0.3])
+
+
+def test_planner_labels_reach_python_padded_like_the_mask():
+    env = simenv.SimEnv(CATALOGUES, envs=3, seed=2, episode_requests=40, load_min=1.5, load_max=3.0)
+    env.set_planner("qos-planner:k=4,h=5,min_futures=1", 1)
+    for _ in range(20):
+        obs = env.observe()
+        env.step(obs["planner_action"].astype(np.int64))
+    batch, e = train.collate([obs])
+    k = obs["expert"].shape[0]
+    for i in range(k):
+        chosen = batch["planner_action"][i]
+        assert batch["action_mask"][i, chosen] == 1.0
+        assert not np.isnan(batch["planner_gain"][i, chosen])
+        assert batch["planner_gain"][i, batch["qos_greedy_action"][i]] == 0.0
 
 
 def test_collate_moves_reject_and_teacher_to_the_last_column():
@@ -73,9 +125,7 @@ def test_collate_moves_reject_and_teacher_to_the_last_column():
 @pytest.mark.parametrize("arch", ["han", "mlp"])
 def test_training_smoke_run_writes_a_model_tract_can_run(tmp_path, arch):
     out = tmp_path / "model"
-    train.main(["--arch", arch, "--total-steps", "512", "--num-envs", "4", "--num-steps", "64", "--episode-requests", "40",
-                "--bc-rollouts", "1", "--bc-epochs", "2", "--eval-every", "0", "--eval-requests", "40",
-                "--out", str(out)])
+    train.main(["--arch", arch, *TINY, "--out", str(out)])
     for name in ["model.pt", "router-f32.onnx", "router-int8.onnx", "golden.json", "report.json", "curves.png", "REPORT.md"]:
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
@@ -92,9 +142,7 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
     and another seed gives other weights: `qosroute train --seed N` is a reproducible recipe."""
     def weights(seed, name):
         out = tmp_path / name
-        train.main(["--seed", str(seed), "--total-steps", "512", "--num-envs", "4", "--num-steps", "64",
-                    "--episode-requests", "40", "--bc-rollouts", "1", "--bc-epochs", "2", "--eval-every", "0",
-                    "--eval-requests", "40", "--out", str(out)])
+        train.main(["--seed", str(seed), *TINY, "--out", str(out)])
         return torch.load(out / "model.pt")
 
     first, again, other = weights(3, "a"), weights(3, "b"), weights(4, "c")

@@ -45,7 +45,10 @@ impl SimEnv {
     /// Poisson, bursty or conv-trace workload of `episode_requests` at a load drawn
     /// log-uniformly from [load_min, load_max] times the estimated capacity.
     #[new]
-    #[pyo3(signature = (catalogues, envs, seed, episode_requests=256, load_min=0.3, load_max=3.0, min_experts=2, quality_csv=None))]
+    /// Half the episodes (`random_catalogue_share`) play a random catalogue of
+    /// `min_experts..=max_experts` pooled profiles; trace segments come from the trace's first
+    /// 40 minutes only.
+    #[pyo3(signature = (catalogues, envs, seed, episode_requests=256, load_min=0.2, load_max=3.0, min_experts=2, max_experts=12, random_catalogue_share=0.5, quality_csv=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         catalogues: Vec<String>,
@@ -55,6 +58,8 @@ impl SimEnv {
         load_min: f64,
         load_max: f64,
         min_experts: usize,
+        max_experts: usize,
+        random_catalogue_share: f64,
         quality_csv: Option<&str>,
     ) -> PyResult<Self> {
         let catalogues = catalogues
@@ -67,6 +72,9 @@ impl SimEnv {
             load_min,
             load_max,
             min_experts,
+            max_experts,
+            random_catalogue_share,
+            ..ScenarioConfig::default()
         };
         let sampler =
             ScenarioSampler::new(catalogues, quality(quality_csv)?, config).map_err(err)?;
@@ -99,6 +107,22 @@ impl SimEnv {
             env,
             batch: ObservationBatch::default(),
         })
+    }
+
+    /// Labels every state with `qos-planner` of this spec (e.g. `qos-planner:k=16,h=20`;
+    /// seeded per env from `seed`), or stops with `None`: observations then carry
+    /// `planner_action [K]` and `planner_gain [K, E + 1]` (NaN where not valued).
+    #[pyo3(signature = (spec, seed=0))]
+    fn set_planner(&mut self, spec: Option<&str>, seed: u64) -> PyResult<()> {
+        self.env
+            .set_planner(spec, seed)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Steps the environments on up to `threads` threads (the simulator runs outside
+    /// Python's lock while stepping).
+    fn set_threads(&mut self, threads: usize) {
+        self.env.set_threads(threads);
     }
 
     /// Number of environments.
@@ -138,12 +162,18 @@ impl SimEnv {
             "qos_greedy_action",
             PyArray1::from_slice(py, &b.qos_greedy_action),
         )?;
+        d.set_item(
+            "planner_action",
+            PyArray1::from_slice(py, &b.planner_action),
+        )?;
+        d.set_item("planner_gain", array(py, &b.planner_gain, &[k, e + 1])?)?;
         Ok(d)
     }
 
     /// Applies one action per env (index into the last observation's padded expert axis;
     /// `E` = reject). Returns `rewards`, `dones`, `episode_avg_qos` (NaN unless done) and
-    /// `invalid`.
+    /// `invalid`, `predicted_qos_destroyed`, and `credits`: per env, None, or at the end of its
+    /// episode the realised QoS of each request in decision order.
     fn step<'py>(
         &mut self,
         py: Python<'py>,
@@ -157,7 +187,10 @@ impl SimEnv {
                 self.env.envs()
             )));
         }
-        let out = self.env.step(actions, self.batch.experts).map_err(err)?;
+        let actions = actions.to_vec();
+        let experts = self.batch.experts;
+        let env = &mut self.env;
+        let out = py.detach(|| env.step(&actions, experts)).map_err(err)?;
         let d = PyDict::new(py);
         d.set_item("rewards", PyArray1::from_slice(py, &out.rewards))?;
         d.set_item("dones", PyArray1::from_slice(py, &out.dones))?;
@@ -170,6 +203,15 @@ impl SimEnv {
             "predicted_qos_destroyed",
             PyArray1::from_slice(py, &out.predicted_qos_destroyed),
         )?;
+        let credits = out
+            .credits
+            .iter()
+            .map(|c| match c {
+                Some(c) => Ok(PyArray1::from_slice(py, c).into_any()),
+                None => Ok(py.None().into_bound(py)),
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        d.set_item("credits", credits)?;
         Ok(d)
     }
 }
