@@ -72,7 +72,7 @@ pub struct PairedGain {
 }
 
 /// The paired differences `mine[i] - reference[i]` (values in seed order).
-fn paired_gain(mine: &[f64], reference: &[f64]) -> Option<PairedGain> {
+pub(crate) fn paired_gain(mine: &[f64], reference: &[f64]) -> Option<PairedGain> {
     if mine.len() != reference.len() || mine.is_empty() {
         return None;
     }
@@ -102,7 +102,7 @@ struct SweepSpec {
     values: Vec<f64>,
 }
 
-fn mean_std(values: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_std(values: &[f64]) -> (f64, f64) {
     let n = values.len() as f64;
     if values.is_empty() {
         return (f64::NAN, f64::NAN);

@@ -4,6 +4,7 @@
 use qosroute_sim::RunReport;
 
 use crate::compare::PolicySummary;
+use crate::demo::RouterSummary;
 
 fn pct(v: f64) -> String {
     if v.is_nan() {
@@ -156,14 +157,20 @@ pub struct DemoRow {
     pub not_sent: u64,
     pub duplicated: u64,
     pub avg_qos: f64,
+    /// SLO misses of completed requests, judged by the devices.
     pub slo_violation_rate: f64,
+    /// The same, as the gateway judged them.
+    pub gateway_slo_violation_rate: f64,
+    /// As the devices measured them.
     pub ttft_p50_s: f64,
     pub ttft_p99_s: f64,
     pub per_token_p50_s: f64,
     pub per_token_p95_s: f64,
     pub requests_per_s: f64,
-    /// Decisions the daemon's fallback made (`None`: metrics unavailable).
+    /// Decisions the daemon's fallback made (`None`: a baseline, or metrics unavailable).
     pub fallbacks: Option<f64>,
+    /// Planner decisions whose time budget ran out (`None`: not the planner).
+    pub budget_exhausted: Option<f64>,
     pub errors_by_code: std::collections::BTreeMap<String, u64>,
 }
 
@@ -185,7 +192,7 @@ pub fn print_demo(header: &str, rows: &[DemoRow], shares: &ShareTable) {
         .unwrap_or(6)
         .max(6);
     println!(
-        "{:<w$}  {:>8}  {:>9}  {:>6}  {:>5}  {:>6}  {:>4}  {:>7}  {:>8}  {:>15}  {:>14}  {:>6}  {:>9}",
+        "{:<w$}  {:>8}  {:>9}  {:>6}  {:>5}  {:>6}  {:>4}  {:>7}  {:>8}  {:>7}  {:>15}  {:>14}  {:>6}  {:>9}  {:>10}",
         "policy",
         "requests",
         "completed",
@@ -195,10 +202,12 @@ pub fn print_demo(header: &str, rows: &[DemoRow], shares: &ShareTable) {
         "dup",
         "avg QoS",
         "SLO miss",
+        "gw miss",
         "TTFT p50/p99 ms",
         "ms/tok p50/p95",
         "req/s",
-        "fallbacks"
+        "fallbacks",
+        "budget out"
     );
     let best = rows
         .iter()
@@ -212,7 +221,7 @@ pub fn print_demo(header: &str, rows: &[DemoRow], shares: &ShareTable) {
             ""
         };
         println!(
-            "{:<w$}  {:>8}  {:>9}  {:>6}  {:>5}  {:>6}  {:>4}  {:>7}  {:>8}  {:>15}  {:>14}  {:>6.1}  {:>9}{marker}",
+            "{:<w$}  {:>8}  {:>9}  {:>6}  {:>5}  {:>6}  {:>4}  {:>7}  {:>8}  {:>7}  {:>15}  {:>14}  {:>6.1}  {:>9}  {:>10}{marker}",
             r.policy,
             r.requests,
             r.completed,
@@ -226,10 +235,12 @@ pub fn print_demo(header: &str, rows: &[DemoRow], shares: &ShareTable) {
                 "-".into()
             },
             pct(r.slo_violation_rate),
+            pct(r.gateway_slo_violation_rate),
             format!("{}/{}", ms(r.ttft_p50_s), ms(r.ttft_p99_s)),
             format!("{}/{}", ms(r.per_token_p50_s), ms(r.per_token_p95_s)),
             r.requests_per_s,
             r.fallbacks.map_or("-".into(), |f| format!("{f:.0}")),
+            r.budget_exhausted.map_or("-".into(), |f| format!("{f:.0}")),
         );
     }
     for r in rows.iter().filter(|r| !r.errors_by_code.is_empty()) {
@@ -259,6 +270,66 @@ pub fn print_demo(header: &str, rows: &[DemoRow], shares: &ShareTable) {
             line.push_str(&format!("  {:>12}", pct(*v)));
         }
         println!("{line}");
+    }
+    println!();
+}
+
+/// Prints the demo's routers over their seeds: average QoS mean ± std, SLO misses (the
+/// devices' verdict, then the gateway's), the paired difference against qos-greedy, and the
+/// daemon's counters over all runs: fallback decisions (learned router and planner) and
+/// planner decisions whose time budget ran out, of all decisions.
+pub fn print_demo_seeds(rows: &[RouterSummary]) {
+    let w = rows
+        .iter()
+        .map(|r| r.policy.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:<w$}  {:>5}  {:>17}  {:>15}  {:>7}  {:>25}  {:>9}  {:>16}",
+        "policy",
+        "seeds",
+        "avg QoS ± std",
+        "SLO miss ± std",
+        "gw miss",
+        "paired vs qos-greedy",
+        "fallbacks",
+        "budget out/dec."
+    );
+    let best = rows
+        .iter()
+        .map(|r| r.avg_qos_mean)
+        .filter(|v| v.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
+    for r in rows {
+        let marker = if rows.len() > 1 && r.avg_qos_mean == best {
+            " *"
+        } else {
+            ""
+        };
+        let paired = r.gain_over_qos_greedy.map_or(String::new(), |g| {
+            format!("{:+.4} ± {:.4} ({}/{})", g.mean, g.std, g.wins, g.pairs)
+        });
+        let budget = match (r.budget_exhausted, r.decisions) {
+            (Some(b), Some(d)) => format!("{b:.0}/{d:.0}"),
+            _ => "-".into(),
+        };
+        let fallbacks = r.fallbacks.map_or("-".into(), |f| format!("{f:.0}"));
+        println!(
+            "{:<w$}  {:>5}  {:>17}  {:>15}  {:>7}  {:>25}  {:>9}  {:>16}{marker}",
+            r.policy,
+            r.seeds.len(),
+            format!("{:.4} ± {:.4}", r.avg_qos_mean, r.avg_qos_std),
+            format!(
+                "{} ± {}",
+                pct(r.slo_violation_rate_mean),
+                pct(r.slo_violation_rate_std)
+            ),
+            pct(r.gateway_slo_violation_rate_mean),
+            paired,
+            fallbacks,
+            budget,
+        );
     }
     println!();
 }

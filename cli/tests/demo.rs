@@ -30,12 +30,14 @@ fn check_svg(path: &Path) {
 }
 
 #[test]
-fn a_tiny_demo_accounts_for_every_request_of_every_router() {
+fn a_tiny_demo_accounts_for_every_request_of_every_router_and_seed() {
     build_daemon();
     let out_dir = scratch("demo", "tiny");
     let out = demo(&[
         "--compare",
         "han,least-loaded",
+        "--seeds",
+        "1,2",
         "--minutes",
         "0.25",
         "--speed",
@@ -52,15 +54,45 @@ fn a_tiny_demo_accounts_for_every_request_of_every_router() {
         "{stdout}"
     );
     assert!(stdout.contains("share of completed"), "{stdout}");
+    assert!(
+        stdout.contains("avg QoS ± std"),
+        "the per-router table over seeds: {stdout}"
+    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("demo.json")).unwrap()).unwrap();
     let requests = json["demo"]["requests"].as_u64().unwrap();
     assert!(requests > 20, "{requests}");
     assert_eq!(json["interrupted"], false);
+    // The devices send a per-task bound as max_tokens, from the trace's first 40 minutes,
+    // and replay minutes after them.
+    assert_eq!(json["demo"]["trace_window_minutes"][0].as_f64(), Some(40.0));
+    let workloads = json["demo"]["workloads"].as_array().unwrap();
+    assert_eq!(workloads.len(), 2);
+    for w in workloads {
+        let bounds = w["max_tokens"]["per_task"].as_array().unwrap();
+        assert!(!bounds.is_empty(), "{w}");
+        assert!(
+            bounds
+                .iter()
+                .all(|b| b["max_tokens"].as_u64().unwrap() > 300),
+            "{w}"
+        );
+    }
+    let summary = json["summary"].as_array().unwrap();
+    assert_eq!(summary.len(), 2);
+    for s in summary {
+        assert_eq!(s["seeds"], serde_json::json!([1, 2]), "{s}");
+        assert!(
+            s["avg_qos_mean"].is_number() && s["avg_qos_std"].is_number(),
+            "{s}"
+        );
+    }
     let runs = json["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2);
+    assert_eq!(runs.len(), 4);
     for run in runs {
         let policy = run["policy"].as_str().unwrap();
+        let seed = run["seed"].as_u64().unwrap();
+        assert!(seed == 1 || seed == 2, "{policy}: seed {seed}");
         let s = &run["summary"];
         let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{policy}: {k}"));
         assert_eq!(n("requests"), requests, "{policy}");
@@ -76,13 +108,28 @@ fn a_tiny_demo_accounts_for_every_request_of_every_router() {
             "{policy}: {s}"
         );
         assert!(n("completed") > 0, "{policy}: {s}");
+        assert_eq!(s["slo_judged_by"], "device", "{policy}: {s}");
         let records = run["report"]["records"].as_array().unwrap();
         assert_eq!(records.len() as u64, requests);
+        let mut answer_not_max = 0;
         for (i, r) in records.iter().enumerate() {
             assert_eq!(r["index"].as_u64(), Some(i as u64));
             assert_eq!(r["ends"].as_u64(), Some(1), "{policy}: {r}");
             assert!(r["published_s"].is_number(), "{policy}: {r}");
+            if r["outcome"] == "completed" {
+                // Answers are at most max_tokens long, and most are shorter (their true
+                // length), not max_tokens.
+                let (n, max) = (r["output_tokens"].as_u64(), r["max_tokens"].as_u64());
+                assert!(n <= max, "{policy}: {r}");
+                answer_not_max += usize::from(n < max);
+                assert!(r["slo_s_per_token"].is_number(), "{policy}: {r}");
+                assert!(r["last_token_s"].is_number(), "{policy}: {r}");
+            }
         }
+        assert!(
+            answer_not_max * 10 >= n("completed") as usize * 9,
+            "{policy}: {s}"
+        );
         assert!(s["avg_qos"].is_number(), "{policy}: {s}");
         assert_eq!(run["daemon_exit_code"].as_i64(), Some(0), "{policy}");
         let daemon = &run["daemon"];

@@ -1,19 +1,28 @@
-//! `qosroute demo`: the whole system on one machine in about a minute. An MQTT broker (the
-//! embedded rumqttd, mosquitto, or `--broker URL`), the six edge-mixed experts emulated in-process, the real
+//! `qosroute demo`: the whole system on one machine. An MQTT broker (the embedded rumqttd,
+//! mosquitto, or `--broker URL`), the six edge-mixed experts emulated in-process, the real
 //! `qosrouted` binary with a generated config, and a swarm of simulated devices replaying a
-//! slice of the Azure conversation trace; a live view while it runs, then a table, JSON and SVG
-//! plots. `--compare` runs the same slice through several routers, each with a fresh daemon and
-//! fresh experts.
+//! slice of the Azure conversation trace; a live view while it runs, then a table, JSON and
+//! SVG plots. It compares routers (by default han, qos-planner, qos-greedy and least-loaded)
+//! on the same slice, each with a fresh daemon and fresh experts, over one or more workload
+//! seeds (`--seeds`).
+//!
+//! The comparison is honest about what a router can know: the devices send a per-task
+//! `max_tokens` bound, not their answer's length (`max_tokens.rs`); the emulated experts
+//! generate each answer's true length up to it; each device judges its SLO itself, from its
+//! publish to its last token, with the simulator's rule.
 //!
 //! Time is compressed by `--speed`: the experts run that many times faster than the hardware
-//! they model, the daemon's latency models and SLOs are scaled by the same factor, and the
-//! trace is replayed that much faster. `--load` scales the trace's arrival rate on top.
+//! they model, the daemon's latency models and SLOs (and the devices' SLOs) are scaled by the
+//! same factor, and the trace is replayed that much faster. `--load` scales the trace's
+//! arrival rate on top.
 //!
 //! `--real [N]` puts N real llama.cpp servers of SmolLM2-135M (`qosroute-real-engine`) in place
 //! of the N weakest emulated experts; time then runs at 1x.
 
 mod live;
+mod max_tokens;
 mod process;
+mod seeds;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,26 +30,29 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use qosroute_core::{BASELINE_NAMES, Task};
-use qosroute_emulator::{EmulatedExpert, EmulatorOptions};
+use qosroute_core::{BASELINE_NAMES, SloTable, Task};
+use qosroute_emulator::{AnswerTokens, EmulatedExpert, EmulatorOptions};
 use qosroute_sim::trace::{TraceRow, embedded_conv_trace, load_azure_trace};
 use qosroute_sim::workload::{WorkloadSources, synthesize};
 use qosroute_sim::{Catalogue, QualityTable, WorkloadSpec};
 use qosroute_swarm::{
     QualityTruth, Swarm, SwarmConfig, SwarmReport, SwarmRequest, SwarmSummary, TimelinePoint,
-    probe_gateway,
+    probe_gateway, request_index,
 };
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::live::LiveView;
+use self::max_tokens::MaxTokens;
 use self::process::start_broker;
 pub(crate) use self::process::{
     ChildGuard, DaemonMetrics, DaemonProcess, Scratch, broker_and_policy, check_config,
     find_daemon, free_port, scrape, spawn_daemon, start_mosquitto, toml_str, wait_for_port,
     watch_signals,
 };
+pub(crate) use self::seeds::RouterSummary;
+use self::seeds::RunPoint;
 use crate::plot::{BarSeries, SweepCurve, grouped_bars, sweep_curves};
 use crate::real_site::{RealServers, RealSite};
 use crate::table;
@@ -48,16 +60,23 @@ use crate::table;
 /// The site name of the demo's topics.
 const SITE: &str = "demo";
 
+/// The routers compared without --policy or --compare.
+pub(crate) const DEFAULT_ROUTERS: [&str; 4] = ["han", "qos-planner", "qos-greedy", "least-loaded"];
+
+/// The default arrival rate relative to the trace's (measured in cli/README.md).
+pub(crate) const DEFAULT_LOAD: f64 = 1.0;
+
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// The gateway's router: `han` (the shipped learned router), `han:DIR` (a folder with
-    /// router-f32.onnx), `qos-planner[:k=16,h=20,...]`, or a baseline the daemon runs as its
-    /// fallback policy (random, round-robin, least-loaded, p2c, quality-greedy, latency-greedy,
-    /// qos-greedy).
-    #[arg(long, default_value = "han")]
-    policy: String,
+    /// One router for the gateway: `han` (the shipped learned router), `han:DIR` (a folder
+    /// with router-f32.onnx), `qos-planner[:k=16,h=20,...]`, or a baseline the daemon runs as
+    /// its fallback policy (random, round-robin, least-loaded, p2c, quality-greedy,
+    /// latency-greedy, qos-greedy). Without --policy and --compare, the demo compares
+    /// han, qos-planner, qos-greedy and least-loaded.
+    #[arg(long, conflicts_with = "compare")]
+    policy: Option<String>,
     /// Compare routers: run the same trace slice through each in turn (fresh daemon and
-    /// experts each time), e.g. `han,qos-greedy,least-loaded`. Overrides --policy.
+    /// experts each time), e.g. `han,qos-greedy,least-loaded`.
     #[arg(long, value_delimiter = ',')]
     compare: Option<Vec<String>>,
     /// The MQTT broker: `embedded` (rumqttd in this process: nothing to install), `mosquitto`
@@ -77,11 +96,13 @@ pub struct DemoArgs {
     /// Minutes of the trace to replay.
     #[arg(long, default_value_t = 3.0)]
     minutes: f64,
-    /// Start this many minutes into the trace.
-    #[arg(long, default_value_t = 0.0)]
+    /// Start this many minutes into the trace (default 40: after the training window, the
+    /// first 40 minutes, which the devices' max_tokens bounds come from).
+    #[arg(long, default_value_t = 40.0)]
     offset_minutes: f64,
-    /// Arrival rate relative to the trace's (0.5: what edge-mixed is sized for; 1 overloads it).
-    #[arg(long, default_value_t = 0.5)]
+    /// Arrival rate relative to the trace's (see cli/README.md for what each load does to
+    /// the routers).
+    #[arg(long, default_value_t = DEFAULT_LOAD)]
     load: f64,
     /// Wall-clock speed-up: experts run this many times faster than the hardware they model,
     /// latency models and SLOs are scaled to match, and the trace is replayed this much faster.
@@ -100,8 +121,13 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0.25)]
     postcard_share: f64,
     /// Seed of the join of trace requests with tasks and qualities.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, conflicts_with = "seeds")]
     seed: u64,
+    /// Several workload seeds, e.g. `1,2,3`: every router runs once per seed, and a second
+    /// table gives each router's average QoS as mean ± std over the seeds, with the paired
+    /// difference against qos-greedy.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
     /// Folder for demo.json and the plots.
     #[arg(long, default_value = "out/demo")]
     out: PathBuf,
@@ -232,6 +258,9 @@ fn check_args(args: &DemoArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.postcard_share) {
         bail!("--postcard-share must be in [0, 1]");
     }
+    if args.seeds.as_ref().is_some_and(Vec::is_empty) {
+        bail!("--seeds: no seed named");
+    }
     Ok(())
 }
 
@@ -240,6 +269,43 @@ impl DemoArgs {
     fn speed(&self) -> f64 {
         self.speed
             .unwrap_or(if self.real.is_some() { 1.0 } else { 10.0 })
+    }
+
+    /// The workload seeds (`--seeds`, else `--seed`), without repeats.
+    fn seeds(&self) -> Vec<u64> {
+        let mut seeds: Vec<u64> = Vec::new();
+        for s in self.seeds.clone().unwrap_or_else(|| vec![self.seed]) {
+            if !seeds.contains(&s) {
+                seeds.push(s);
+            }
+        }
+        seeds
+    }
+
+    /// The router names asked for (`--compare`, `--policy`, else [`DEFAULT_ROUTERS`]);
+    /// `qos-planner:k=16,h=20` was split at its commas by `--compare`: its `key=value` items
+    /// go back to it.
+    fn router_names(&self) -> Vec<String> {
+        let list: Vec<String> = match (&self.compare, &self.policy) {
+            (Some(list), _) => list.clone(),
+            (None, Some(p)) => return vec![p.trim().to_owned()],
+            (None, None) => DEFAULT_ROUTERS.iter().map(|&n| n.to_owned()).collect(),
+        };
+        let mut names: Vec<String> = Vec::new();
+        for item in list.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+            match names.last_mut() {
+                Some(last)
+                    if item.contains('=')
+                        && !item.contains(':')
+                        && qosroute_core::is_planner(last) =>
+                {
+                    last.push(if last.contains(':') { ',' } else { ':' });
+                    last.push_str(item);
+                }
+                _ => names.push(item.to_owned()),
+            }
+        }
+        names
     }
 }
 
@@ -252,11 +318,31 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     runtime.block_on(demo(args))
 }
 
+/// One workload seed's requests: the same trace slice, its own join with tasks and
+/// qualities, its own `max_tokens` bounds.
+struct SeedWorkload {
+    seed: u64,
+    requests: Vec<SwarmRequest>,
+    /// The true answer lengths, by request index (the emulated experts' truth).
+    answer_tokens: Arc<Vec<u32>>,
+    max_tokens: MaxTokens,
+}
+
+impl SeedWorkload {
+    /// Requests whose answer is longer than their `max_tokens` (cut there).
+    fn answers_cut(&self) -> usize {
+        self.requests
+            .iter()
+            .filter(|r| r.output_tokens > r.max_tokens)
+            .count()
+    }
+}
+
 /// Everything a run needs, prepared once.
 struct Setup {
     catalogue: Catalogue,
     quality: Arc<QualityTable>,
-    requests: Vec<SwarmRequest>,
+    workloads: Vec<SeedWorkload>,
     trace_name: String,
     daemon_exe: PathBuf,
     scratch: Scratch,
@@ -279,6 +365,25 @@ impl Setup {
     }
 }
 
+/// The catalogue's SLOs on the wall clock of a run `speed` times faster than real time: what
+/// the daemon routes by and what the devices judge their answers by.
+fn wall_clock_slo(slo: &SloTable, speed: f64) -> SloTable {
+    SloTable {
+        default_s_per_token: slo.default_s_per_token / speed,
+        per_task: slo.per_task.iter().map(|(t, s)| (*t, s / speed)).collect(),
+    }
+}
+
+/// What the JSON says about one seed's workload.
+#[derive(Debug, Serialize)]
+struct WorkloadFacts {
+    seed: u64,
+    requests: usize,
+    /// Answers longer than their request's max_tokens, cut there.
+    answers_cut: usize,
+    max_tokens: MaxTokens,
+}
+
 /// What the JSON says about the setup.
 #[derive(Debug, Serialize)]
 struct DemoSetup {
@@ -291,20 +396,24 @@ struct DemoSetup {
     requests: usize,
     devices: usize,
     postcard_share: f64,
-    seed: u64,
+    seeds: Vec<u64>,
+    routers: Vec<String>,
+    workloads: Vec<WorkloadFacts>,
     site: &'static str,
     broker: String,
     feedback: bool,
     notes: Vec<String>,
 }
 
-/// One router's run.
+/// One router's run on one seed.
 #[derive(Debug, Serialize)]
 struct PolicyRun {
     policy: String,
+    seed: u64,
     router: String,
-    /// A learned router (its fallbacks are worth showing; a baseline *is* the fallback).
-    learned: bool,
+    /// A learned router or the planner (their fallbacks are worth showing; a baseline *is*
+    /// the fallback).
+    has_fallback: bool,
     /// Wall-clock seconds of the whole run (daemon and experts up to down).
     wall_s: f64,
     summary: SwarmSummary,
@@ -318,49 +427,49 @@ struct PolicyRun {
     report: SwarmReport,
 }
 
+impl PolicyRun {
+    fn point(&self) -> RunPoint {
+        let daemon = self.daemon.as_ref();
+        RunPoint {
+            policy: self.policy.clone(),
+            seed: self.seed,
+            avg_qos: self.summary.avg_qos,
+            slo_violation_rate: self.summary.slo_violation_rate,
+            gateway_slo_violation_rate: self.summary.gateway_slo_violation_rate,
+            decisions: daemon.map(|d| d.decisions),
+            fallbacks: daemon.filter(|_| self.has_fallback).map(|d| d.fallbacks),
+            budget_exhausted: daemon
+                .filter(|_| qosroute_core::is_planner(&self.policy))
+                .map(|d| d.planner_budget_exhausted),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct DemoOutput<'a> {
     demo: &'a DemoSetup,
     interrupted: bool,
+    /// Per router over the seeds.
+    summary: &'a [RouterSummary],
     runs: &'a [PolicyRun],
 }
 
 async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let interrupt = CancellationToken::new();
     watch_signals(interrupt.clone())?;
-    let names = match &args.compare {
-        // `qos-planner:k=16,h=20` was split at its commas: its `key=value` items go back to it.
-        Some(list) => {
-            let mut names: Vec<String> = Vec::new();
-            for item in list.iter().map(|n| n.trim()) {
-                match names.last_mut() {
-                    Some(last)
-                        if item.contains('=')
-                            && !item.contains(':')
-                            && qosroute_core::is_planner(last) =>
-                    {
-                        last.push(if last.contains(':') { ',' } else { ':' });
-                        last.push_str(item);
-                    }
-                    _ => names.push(item.to_owned()),
-                }
-            }
-            names
-        }
-        None => vec![args.policy.clone()],
-    };
-    let routers = names
+    let routers = args
+        .router_names()
         .iter()
-        .map(|n| n.trim())
-        .filter(|n| !n.is_empty())
         .map(|n| parse_router(n, &args.model_dir))
         .collect::<anyhow::Result<Vec<Router>>>()?;
     if routers.is_empty() {
         bail!("--compare: no router named");
     }
-    let setup = prepare(args)?;
+    let seeds = args.seeds();
+    let setup = prepare(args, &seeds)?;
     let mut broker = start_broker(args, &setup.scratch).await?;
     let first = args.offset_minutes;
+    let requests = setup.workloads.first().map_or(0, |w| w.requests.len());
     let mut facts = DemoSetup {
         catalogue: setup.catalogue.name.clone(),
         experts: setup.site_experts().into_iter().map(|(n, _)| n).collect(),
@@ -368,10 +477,21 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         trace_window_minutes: [first, first + args.minutes],
         load: args.load,
         speed: args.speed(),
-        requests: setup.requests.len(),
+        requests,
         devices: args.devices,
         postcard_share: args.postcard_share,
-        seed: args.seed,
+        seeds: seeds.clone(),
+        routers: routers.iter().map(|r| r.name().to_owned()).collect(),
+        workloads: setup
+            .workloads
+            .iter()
+            .map(|w| WorkloadFacts {
+                seed: w.seed,
+                requests: w.requests.len(),
+                answers_cut: w.answers_cut(),
+                max_tokens: w.max_tokens.clone(),
+            })
+            .collect(),
         site: SITE,
         broker: broker.describe(),
         feedback: !args.no_feedback,
@@ -380,17 +500,28 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
                 "experts run {}x faster than the hardware they model; the daemon's latency models and SLOs are scaled by 1/{} to match; latencies here are wall-clock",
                 args.speed(), args.speed()
             ),
-            "avg_qos is computed by the devices from the quality table (the true quality of the answering expert's model on the request's row, 0 when the SLO is missed, errors and lost requests 0); the daemon's (qosroute_qos_*) from what the emulated experts report through the qosroute extension: their model's mean quality on the request's task (the daemon forwards the task, not the row)".into(),
-            "answers are at most 128 tokens (the emulator's default answer length) and prompts at most 2048 tokens (8 KiB, the wire bound): the daemon does not forward the expected output length".into(),
+            "avg_qos is computed by the devices: the true quality of the answering expert's model on the request's quality-table row when the SLO was met, else 0; errors and lost requests 0. Each device judges the SLO itself with the simulator's rule (qosroute_core::slo_met): per-token latency from its publish to its receipt of the last token, over the answer's tokens, strictly under its task's SLO (the catalogue's, scaled to the wall clock); slo_violation_rate is that verdict, gateway_slo_violation_rate the gateway's own (its clock, from when it received the request)".into(),
+            "the devices send max_tokens = a per-task bound (workloads[].max_tokens: the p99 of the task's answer lengths in the trace's first 40 minutes), not the answer's length; the emulated experts generate each answer's true length (the trace's) up to max_tokens and cut it there, as a real engine does (workloads[].answers_cut); the daemon learns lengths from completed answers and never sees the truth".into(),
+            "the daemon's qosroute_qos_* come from what the emulated experts report: their model's mean quality on the request's task (the daemon forwards the task, not the quality-table row), judged by the gateway's clock".into(),
+            "prompts are at most 2048 tokens (8 KiB, the wire bound) and start with the request's id".into(),
         ],
     };
     if let Some(real) = &setup.real {
         facts.notes.push(real.note());
     }
-    let planned_s = setup.requests.last().map_or(0.0, |r| r.arrival_s) / args.speed();
+    let planned_s = setup
+        .workloads
+        .first()
+        .and_then(|w| w.requests.last())
+        .map_or(0.0, |r| r.arrival_s)
+        / args.speed();
+    let max_tokens = setup
+        .workloads
+        .first()
+        .map_or(String::new(), |w| w.max_tokens.describe());
     eprintln!(
-        "qosroute demo: {} requests of {} (minutes {:.1}-{:.1}, load {}x) on {} ({} experts) through {}, {}x faster than real time: about {:.0} s per router",
-        setup.requests.len(),
+        "qosroute demo: {} requests of {} (minutes {:.1}-{:.1}, load {}x, {max_tokens}) on {} ({} experts) through {}, {}x faster than real time; {} router(s) x {} seed(s), about {:.0} s each",
+        requests,
         setup.trace_name,
         first,
         first + args.minutes,
@@ -399,35 +530,45 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         facts.experts.len(),
         facts.broker,
         args.speed(),
-        planned_s + 5.0
+        routers.len(),
+        seeds.len(),
+        planned_s + 10.0
     );
     let mut runs = Vec::new();
     let mut interrupted = false;
     let mut failure = None;
-    for (k, router) in routers.iter().enumerate() {
-        if interrupt.is_cancelled() {
-            interrupted = true;
-            break;
-        }
-        match run_router(args, &setup, router, k, broker.url(), &interrupt).await {
-            Ok(run) => {
-                interrupted |= run.report.stopped_early && interrupt.is_cancelled();
-                let problem = run.problem.clone();
-                runs.push(run);
-                if let Some(p) = problem {
-                    failure = Some(anyhow::anyhow!("router `{}`: {p}", router.name()));
-                    break;
-                }
-            }
-            Err(e) if interrupt.is_cancelled() => {
-                eprintln!("{}: interrupted ({e:#})", router.name());
+    // Seed by seed, every router on it: a router's paired runs are close in time.
+    'seeds: for (i, workload) in setup.workloads.iter().enumerate() {
+        for (j, router) in routers.iter().enumerate() {
+            if interrupt.is_cancelled() {
                 interrupted = true;
-                break;
+                break 'seeds;
             }
-            Err(e) => {
-                // The runs so far are still reported below.
-                failure = Some(e.context(format!("router `{}`", router.name())));
-                break;
+            let k = i * routers.len() + j;
+            match run_router(args, &setup, workload, router, k, broker.url(), &interrupt).await {
+                Ok(run) => {
+                    interrupted |= run.report.stopped_early && interrupt.is_cancelled();
+                    let problem = run.problem.clone();
+                    runs.push(run);
+                    if let Some(p) = problem {
+                        failure = Some(anyhow::anyhow!("router `{}`: {p}", router.name()));
+                        break 'seeds;
+                    }
+                }
+                Err(e) if interrupt.is_cancelled() => {
+                    eprintln!("{}: interrupted ({e:#})", router.name());
+                    interrupted = true;
+                    break 'seeds;
+                }
+                Err(e) => {
+                    // The runs so far are still reported below.
+                    failure = Some(e.context(format!(
+                        "router `{}`, seed {}",
+                        router.name(),
+                        workload.seed
+                    )));
+                    break 'seeds;
+                }
             }
         }
     }
@@ -437,13 +578,18 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
             .notes
             .push("a daemon did not exit with code 0 after SIGTERM (see daemon_exit_code)".into());
     }
+    let points: Vec<RunPoint> = runs.iter().map(PolicyRun::point).collect();
+    let summary = seeds::summarise(&points);
     if !runs.is_empty() {
         table::print_demo(
             &facts_line(&facts),
-            &demo_rows(&runs),
+            &demo_rows(&runs, seeds.len() > 1),
             &share_table(&facts, &runs),
         );
-        write_outputs(&args.out, &facts, &runs, interrupted)?;
+        if seeds.len() > 1 {
+            table::print_demo_seeds(&summary);
+        }
+        write_outputs(&args.out, &facts, &summary, &runs, interrupted)?;
     }
     if let Some(e) = failure {
         return Err(e);
@@ -455,8 +601,15 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
 }
 
 fn facts_line(f: &DemoSetup) -> String {
+    let seeds: Vec<String> = f.seeds.iter().map(u64::to_string).collect();
+    let max_tokens = f
+        .workloads
+        .first()
+        .map_or(String::new(), |w| w.max_tokens.describe());
+    let cut: usize = f.workloads.iter().map(|w| w.answers_cut).sum();
+    let answers: usize = f.workloads.iter().map(|w| w.requests).sum();
     format!(
-        "{} · {} minutes {:.1}-{:.1} · {} requests · load {}x · speed {}x · {} devices · {}",
+        "{} · {} minutes {:.1}-{:.1} · {} requests · load {}x · speed {}x · {} devices · {} · seed {} · {max_tokens}, {cut} of {answers} answers cut · SLO judged by the devices",
         f.catalogue,
         f.trace,
         f.trace_window_minutes[0],
@@ -465,16 +618,22 @@ fn facts_line(f: &DemoSetup) -> String {
         f.load,
         f.speed,
         f.devices,
-        f.broker
+        f.broker,
+        seeds.join(","),
     )
 }
 
-fn demo_rows(runs: &[PolicyRun]) -> Vec<table::DemoRow> {
+fn demo_rows(runs: &[PolicyRun], label_seeds: bool) -> Vec<table::DemoRow> {
     runs.iter()
         .map(|r| {
             let s = &r.summary;
+            let daemon = r.daemon.as_ref().filter(|_| r.has_fallback);
             table::DemoRow {
-                policy: r.policy.clone(),
+                policy: if label_seeds {
+                    format!("{} s{}", r.policy, r.seed)
+                } else {
+                    r.policy.clone()
+                },
                 requests: s.requests,
                 completed: s.completed,
                 errors: s.errors,
@@ -483,34 +642,34 @@ fn demo_rows(runs: &[PolicyRun]) -> Vec<table::DemoRow> {
                 duplicated: s.duplicated,
                 avg_qos: s.avg_qos,
                 slo_violation_rate: s.slo_violation_rate,
+                gateway_slo_violation_rate: s.gateway_slo_violation_rate,
                 ttft_p50_s: s.ttft_s.p50,
                 ttft_p99_s: s.ttft_s.p99,
-                per_token_p50_s: s.per_token_s.p50,
-                per_token_p95_s: s.per_token_s.p95,
+                per_token_p50_s: s.device_per_token_s.p50,
+                per_token_p95_s: s.device_per_token_s.p95,
                 requests_per_s: s.requests_per_s,
-                fallbacks: r.daemon.as_ref().filter(|_| r.learned).map(|d| d.fallbacks),
+                fallbacks: daemon.map(|d| d.fallbacks),
+                budget_exhausted: daemon
+                    .filter(|_| qosroute_core::is_planner(&r.policy))
+                    .map(|d| d.planner_budget_exhausted),
                 errors_by_code: s.errors_by_code.clone(),
             }
         })
         .collect()
 }
 
+/// Each router's share of the completed requests per expert, averaged over its seeds.
 fn share_table(facts: &DemoSetup, runs: &[PolicyRun]) -> table::ShareTable {
     table::ShareTable {
-        policies: runs.iter().map(|r| r.policy.clone()).collect(),
+        policies: facts.routers.clone(),
         rows: facts
             .experts
             .iter()
             .map(|name| {
-                let shares = runs
+                let shares = facts
+                    .routers
                     .iter()
-                    .map(|r| {
-                        r.summary
-                            .experts
-                            .iter()
-                            .find(|e| &e.name == name)
-                            .map_or(0.0, |e| e.share)
-                    })
+                    .map(|policy| mean_share(runs, policy, name))
                     .collect();
                 (name.clone(), shares)
             })
@@ -518,8 +677,29 @@ fn share_table(facts: &DemoSetup, runs: &[PolicyRun]) -> table::ShareTable {
     }
 }
 
-/// Loads the catalogue, quality table and trace, builds the workload, finds the daemon.
-fn prepare(args: &DemoArgs) -> anyhow::Result<Setup> {
+/// A router's share of completed requests on `expert`, the mean over its runs.
+fn mean_share(runs: &[PolicyRun], policy: &str, expert: &str) -> f64 {
+    let shares: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.policy == policy)
+        .map(|r| {
+            r.summary
+                .experts
+                .iter()
+                .find(|e| e.name == expert)
+                .map_or(0.0, |e| e.share)
+        })
+        .collect();
+    if shares.is_empty() {
+        0.0
+    } else {
+        shares.iter().sum::<f64>() / shares.len() as f64
+    }
+}
+
+/// Loads the catalogue, quality table and trace, builds each seed's workload with its
+/// `max_tokens` bounds, finds the daemon.
+fn prepare(args: &DemoArgs, seeds: &[u64]) -> anyhow::Result<Setup> {
     let catalogue_path = locate(&args.experts)
         .with_context(|| format!("--experts {}: not found", args.experts.display()))?;
     let catalogue = Catalogue::load(&catalogue_path)?;
@@ -537,7 +717,8 @@ fn prepare(args: &DemoArgs) -> anyhow::Result<Setup> {
     let from_s = args.offset_minutes * 60.0;
     let to_s = from_s + args.minutes * 60.0;
     let window: Vec<TraceRow> = rows
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|r| r.arrival_s >= from_s && r.arrival_s < to_s)
         .collect();
     if window.is_empty() {
@@ -563,11 +744,24 @@ fn prepare(args: &DemoArgs) -> anyhow::Result<Setup> {
         output_lengths: &[],
         trace: Some(&window),
     };
-    let workload = qosroute_sim::Workload {
-        requests: synthesize(&spec, &parsed, sources, args.seed)?,
-        spec,
-    };
-    let requests = SwarmRequest::from_workload(&workload);
+    let mut workloads = Vec::with_capacity(seeds.len());
+    for &seed in seeds {
+        let workload = qosroute_sim::Workload {
+            requests: synthesize(&spec, &parsed, sources, seed)?,
+            spec: spec.clone(),
+        };
+        let max_tokens = MaxTokens::from_training(&rows, &quality, seed)?;
+        let mut requests = SwarmRequest::from_workload(&workload);
+        for r in &mut requests {
+            r.max_tokens = max_tokens.of_wire(r.task);
+        }
+        workloads.push(SeedWorkload {
+            seed,
+            answer_tokens: Arc::new(requests.iter().map(|r| r.output_tokens).collect()),
+            requests,
+            max_tokens,
+        });
+    }
     let daemon_exe = find_daemon(args.daemon.as_ref())?;
     let mut catalogue = catalogue;
     let real = match args.real {
@@ -578,7 +772,7 @@ fn prepare(args: &DemoArgs) -> anyhow::Result<Setup> {
         real,
         catalogue,
         quality,
-        requests,
+        workloads,
         trace_name,
         daemon_exe,
         scratch: Scratch::new(args.keep_scratch)?,
@@ -592,12 +786,19 @@ struct RunExperts<'a> {
     real: Option<&'a RealServers>,
 }
 
-/// The emulated experts of the catalogue, `speed` times faster than their hardware.
+/// The emulated experts of the catalogue, `speed` times faster than their hardware, each
+/// answering a request with its true length from `workload` (found by the request id at the
+/// head of its prompt), cut at its `max_tokens`.
 async fn start_experts(
     setup: &Setup,
+    workload: &SeedWorkload,
     speed: f64,
-    seed: u64,
 ) -> anyhow::Result<Vec<EmulatedExpert>> {
+    let lengths = workload.answer_tokens.clone();
+    let answer_tokens: AnswerTokens = Arc::new(move |head: &str| {
+        let i = usize::try_from(request_index(head)?).ok()?;
+        lengths.get(i).copied()
+    });
     let mut experts = Vec::with_capacity(setup.catalogue.experts.len());
     for (i, profile) in setup.catalogue.experts.iter().enumerate() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -607,7 +808,8 @@ async fn start_experts(
         let mut options = EmulatorOptions::for_profile(&profile);
         options.quality = Some(setup.quality.clone());
         options.time_scale = 1.0 / speed;
-        options.seed = seed.wrapping_add(i as u64);
+        options.seed = workload.seed.wrapping_add(i as u64);
+        options.answer_tokens = Some(answer_tokens.clone());
         options.shutdown_grace = Duration::from_secs(1);
         experts.push(
             EmulatedExpert::serve(profile.clone(), options, listener)
@@ -640,14 +842,14 @@ fn daemon_config(
     let _ = writeln!(c, "# Generated by `qosroute demo` ({}).", router.describe());
     let _ = writeln!(c, "site = {}", toml_str(SITE));
     broker_and_policy(&mut c, broker_url, client_id, router);
-    let slo = &setup.catalogue.slo;
+    let slo = wall_clock_slo(&setup.catalogue.slo, speed);
     let _ = writeln!(
         c,
         "\n[slo]\ndefault_s_per_token = {:e}\n[slo.per_task]",
-        slo.default_s_per_token / speed
+        slo.default_s_per_token
     );
     for (task, s) in &slo.per_task {
-        let _ = writeln!(c, "{} = {:e}", task.as_str(), s / speed);
+        let _ = writeln!(c, "{} = {:e}", task.as_str(), s);
     }
     // A real server's health endpoint stalls while it prefills (up to about 11 s for the
     // longest prompt): it is not stale meanwhile.
@@ -730,13 +932,14 @@ fn daemon_config(
 async fn run_router(
     args: &DemoArgs,
     setup: &Setup,
+    workload: &SeedWorkload,
     router: &Router,
     k: usize,
     broker_url: &str,
     interrupt: &CancellationToken,
 ) -> anyhow::Result<PolicyRun> {
     let started = Instant::now();
-    let experts = start_experts(setup, args.speed(), args.seed).await?;
+    let experts = start_experts(setup, workload, args.speed()).await?;
     let real = match &setup.real {
         Some(site) => {
             let dir = setup.scratch.0.join(format!("run-{k}"));
@@ -755,7 +958,13 @@ async fn run_router(
         emulated: &experts,
         real: real.as_ref(),
     };
-    let result = run_with_experts(args, setup, router, k, broker_url, interrupt, site).await;
+    let run = Run {
+        workload,
+        router,
+        k,
+        broker_url,
+    };
+    let result = run_with_experts(args, setup, run, interrupt, site).await;
     stop_experts(experts).await;
     drop(real);
     let (summary_run, exit) = result?;
@@ -766,15 +975,28 @@ async fn run_router(
     })
 }
 
+/// What one run is: a router on a seed's workload, the `k`-th run of the demo.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    workload: &'a SeedWorkload,
+    router: &'a Router,
+    k: usize,
+    broker_url: &'a str,
+}
+
 async fn run_with_experts(
     args: &DemoArgs,
     setup: &Setup,
-    router: &Router,
-    k: usize,
-    broker_url: &str,
+    run: Run<'_>,
     interrupt: &CancellationToken,
     experts: RunExperts<'_>,
 ) -> anyhow::Result<(PolicyRun, Option<i32>)> {
+    let Run {
+        router,
+        k,
+        broker_url,
+        ..
+    } = run;
     let metrics_port = free_port()?;
     let client_id = format!("qosrouted-demo-{}-{k}", std::process::id());
     let config = daemon_config(
@@ -803,7 +1025,7 @@ async fn run_with_experts(
         log,
         metrics_port,
     };
-    let outcome = drive(args, setup, router, broker_url, &mut daemon, interrupt).await;
+    let outcome = drive(args, setup, run, &mut daemon, interrupt).await;
     let tail = daemon.log_tail(20);
     let exit = daemon.child.stop().await;
     match outcome {
@@ -817,11 +1039,16 @@ async fn run_with_experts(
 async fn drive(
     args: &DemoArgs,
     setup: &Setup,
-    router: &Router,
-    broker_url: &str,
+    run: Run<'_>,
     daemon: &mut DaemonProcess,
     interrupt: &CancellationToken,
 ) -> anyhow::Result<PolicyRun> {
+    let Run {
+        workload,
+        router,
+        broker_url,
+        ..
+    } = run;
     let site = setup.site_experts();
     let names: Vec<String> = site.iter().map(|(n, _)| n.clone()).collect();
     wait_for_port(
@@ -837,9 +1064,13 @@ async fn drive(
     let mut config = SwarmConfig::new(broker_url, SITE);
     config.devices = args.devices;
     config.speed = args.speed();
-    // Real servers cache prompts: a prompt that shares a prefix with an earlier one would skip
-    // part of its prefill, which devices' prompts do not.
-    config.unique_prompts = setup.real.is_some();
+    // Every prompt starts with its request's id: the emulated experts find the answer's
+    // true length by it, and real servers, which cache prompts, find no prefix shared with an
+    // earlier prompt (devices' prompts share none).
+    config.unique_prompts = true;
+    // Each device judges its SLO itself, by the simulator's rule, from its publish to its
+    // last token, against the SLOs the daemon routes by.
+    config.device_slo = Some(wall_clock_slo(&setup.catalogue.slo, args.speed()));
     config.postcard_share = args.postcard_share;
     config.feedback = !args.no_feedback;
     config.reply_timeout = Duration::from_secs_f64(args.reply_timeout);
@@ -851,8 +1082,13 @@ async fn drive(
         () = interrupt.cancelled() => bail!("interrupted while waiting for the gateway"),
     }
     let truth = QualityTruth::new(setup.quality.clone(), site);
-    let swarm = Swarm::start(config, &setup.requests, Some(truth)).await?;
-    let mut view = LiveView::new(router.name(), names.clone());
+    let swarm = Swarm::start(config, &workload.requests, Some(truth)).await?;
+    let label = if setup.workloads.len() > 1 {
+        format!("{} s{}", router.name(), workload.seed)
+    } else {
+        router.name().to_owned()
+    };
+    let mut view = LiveView::new(&label, names.clone());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -891,8 +1127,9 @@ async fn drive(
     let bucket = (report.duration_s / 30.0).max(0.5);
     Ok(PolicyRun {
         policy: router.name().to_owned(),
+        seed: workload.seed,
         router: router.describe(),
-        learned: matches!(router, Router::Learned { .. }),
+        has_fallback: !matches!(router, Router::Baseline(_)),
         wall_s: 0.0,
         timeline: report.timeline(bucket),
         summary,
@@ -903,10 +1140,12 @@ async fn drive(
     })
 }
 
-/// demo.json and the SVG plots.
+/// demo.json and the SVG plots (QoS over time and the latency CDF of the first seed's runs;
+/// each router's expert shares averaged over its seeds).
 fn write_outputs(
     out: &Path,
     facts: &DemoSetup,
+    summary: &[RouterSummary],
     runs: &[PolicyRun],
     interrupted: bool,
 ) -> anyhow::Result<()> {
@@ -914,11 +1153,13 @@ fn write_outputs(
     let json = serde_json::to_string(&DemoOutput {
         demo: facts,
         interrupted,
+        summary,
         runs,
     })?;
     crate::write_output(&out.join("demo.json"), json + "\n")?;
-    let qos: Vec<SweepCurve> = runs
-        .iter()
+    let first_seed = runs.first().map(|r| r.seed);
+    let runs_of_first = || runs.iter().filter(move |r| Some(r.seed) == first_seed);
+    let qos: Vec<SweepCurve> = runs_of_first()
         .map(|r| SweepCurve {
             policy: r.policy.clone(),
             points: r.timeline.iter().map(|p| (p.t_s, p.avg_qos, 0.0)).collect(),
@@ -933,8 +1174,7 @@ fn write_outputs(
         &qos,
     )?;
     eprintln!("wrote {}", path.display());
-    let cdf: Vec<SweepCurve> = runs
-        .iter()
+    let cdf: Vec<SweepCurve> = runs_of_first()
         .map(|r| SweepCurve {
             policy: r.policy.clone(),
             points: latency_cdf(&r.report),
@@ -943,26 +1183,21 @@ fn write_outputs(
     let path = out.join("latency.svg");
     sweep_curves(
         &path,
-        "Per-token latency of completed requests (gateway-measured), CDF",
+        "Per-token latency of completed requests (device-measured), CDF",
         "ms per output token (wall clock)",
         "fraction of completed requests",
         &cdf,
     )?;
     eprintln!("wrote {}", path.display());
-    let series: Vec<BarSeries> = runs
+    let series: Vec<BarSeries> = facts
+        .routers
         .iter()
-        .map(|r| BarSeries {
-            name: r.policy.clone(),
+        .map(|policy| BarSeries {
+            name: policy.clone(),
             values: facts
                 .experts
                 .iter()
-                .map(|e| {
-                    r.summary
-                        .experts
-                        .iter()
-                        .find(|x| &x.name == e)
-                        .map_or(0.0, |x| x.share)
-                })
+                .map(|e| mean_share(runs, policy, e))
                 .collect(),
         })
         .collect();
@@ -978,12 +1213,13 @@ fn write_outputs(
     Ok(())
 }
 
-/// (ms per token, fraction at or below) at 40 quantiles of the completed requests.
+/// (ms per token, fraction at or below) at 40 quantiles of the completed requests, per-token
+/// latency as the devices measured it.
 fn latency_cdf(report: &SwarmReport) -> Vec<(f64, f64, f64)> {
     let mut v: Vec<f64> = report
         .records
         .iter()
-        .filter_map(|r| r.s_per_token.map(|s| f64::from(s) * 1e3))
+        .filter_map(|r| r.device_s_per_token().map(|s| s * 1e3))
         .filter(|x| x.is_finite())
         .collect();
     v.sort_by(f64::total_cmp);
@@ -1004,6 +1240,55 @@ fn latency_cdf(report: &SwarmReport) -> Vec<(f64, f64, f64)> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<DemoArgs, clap::Error> {
+        use clap::Parser as _;
+        Cli::try_parse_from(std::iter::once("demo").chain(argv.iter().copied())).map(|c| c.demo)
+    }
+
+    fn args(argv: &[&str]) -> DemoArgs {
+        parse(argv).unwrap()
+    }
+
+    #[test]
+    fn the_default_compares_four_routers_on_held_out_minutes() {
+        let a = args(&[]);
+        assert_eq!(a.router_names(), DEFAULT_ROUTERS);
+        assert_eq!(
+            (a.offset_minutes, a.load, a.seeds()),
+            (40.0, DEFAULT_LOAD, vec![1])
+        );
+        let a = args(&["--policy", "least-loaded"]);
+        assert_eq!(a.router_names(), ["least-loaded"]);
+        let a = args(&["--compare", "han,qos-planner:k=8,h=10,least-loaded"]);
+        assert_eq!(
+            a.router_names(),
+            ["han", "qos-planner:k=8,h=10", "least-loaded"]
+        );
+        let a = args(&["--seeds", "3,1,3,2"]);
+        assert_eq!(a.seeds(), [3, 1, 2]);
+        let a = args(&["--seed", "7"]);
+        assert_eq!(a.seeds(), [7]);
+        assert!(parse(&["--seed", "1", "--seeds", "1,2"]).is_err());
+        assert!(parse(&["--policy", "han", "--compare", "han"]).is_err());
+    }
+
+    #[test]
+    fn the_devices_and_the_daemon_get_the_same_wall_clock_slos() {
+        let slo = SloTable {
+            default_s_per_token: 0.1,
+            per_task: [(Task::Mmlu, 0.05)].into_iter().collect(),
+        };
+        let wall = wall_clock_slo(&slo, 10.0);
+        assert!((wall.slo_s_per_token(Task::Mmlu) - 0.005).abs() < 1e-15);
+        assert!((wall.slo_s_per_token(Task::Chat) - 0.01).abs() < 1e-15);
+    }
 
     #[test]
     fn routers_parse_or_say_what_the_daemon_can_run() {

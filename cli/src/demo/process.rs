@@ -501,6 +501,9 @@ pub(crate) struct DaemonMetrics {
     qos_count: f64,
     slo_violations: f64,
     pub(crate) fallbacks: f64,
+    /// `qosroute_planner_budget_exhausted_total`: planner decisions whose time budget ran
+    /// out before every future was played.
+    pub(crate) planner_budget_exhausted: f64,
     retries: f64,
     replies_dropped: f64,
     feedback: f64,
@@ -543,6 +546,9 @@ impl DaemonMetrics {
                 ("qosroute_qos_count", None) => m.qos_count = v,
                 ("qosroute_slo_violations_total", None) => m.slo_violations = v,
                 ("qosroute_policy_fallbacks_total", None) => m.fallbacks = v,
+                ("qosroute_planner_budget_exhausted_total", None) => {
+                    m.planner_budget_exhausted = v;
+                }
                 ("qosroute_retries_total", None) => m.retries = v,
                 ("qosroute_replies_dropped_total", None) => m.replies_dropped = v,
                 ("qosroute_feedback_total", None) => m.feedback = v,
@@ -594,9 +600,10 @@ mod tests {
     #[test]
     fn metrics_parse_with_labels() {
         let m = DaemonMetrics::parse(
-            "# HELP x\nqosroute_qos_sum 1.5\nqosroute_qos_count 3\nqosroute_expert_in_flight{expert=\"a\"} 2\nqosroute_requests_total{outcome=\"completed\"} 7\nqosroute_expert_up{expert=\"a\"} 1\n",
+            "# HELP x\nqosroute_qos_sum 1.5\nqosroute_qos_count 3\nqosroute_planner_budget_exhausted_total 4\nqosroute_expert_in_flight{expert=\"a\"} 2\nqosroute_requests_total{outcome=\"completed\"} 7\nqosroute_expert_up{expert=\"a\"} 1\n",
         );
         assert_eq!(m.avg_qos(), 0.5);
+        assert_eq!(m.planner_budget_exhausted, 4.0);
         assert_eq!(m.expert_in_flight.get("a"), Some(&2.0));
         assert_eq!(m.requests_by_outcome.get("completed"), Some(&7.0));
         assert!(DaemonMetrics::default().avg_qos().is_nan());
