@@ -2,8 +2,8 @@
 //! within 1e-5 of PyTorch's (absolute), and identical decisions. The error relative to the
 //! logit's magnitude is printed too: tract's vectorised exp and tanh differ from PyTorch's by a
 //! few ULP, so a model with large logits (a previous 64-wide model had logits near 19) can
-//! exceed an absolute 1e-5 without any error in the model. The int8 variant's agreement is
-//! reported.
+//! exceed an absolute 1e-5 without any error in the model. The int8 variant must decide as
+//! f32 on all golden cases but at most one (what `policy-model/models/README.md` claims).
 
 #![cfg(feature = "onnx")]
 #![allow(
@@ -116,7 +116,7 @@ fn shipped_f32_model_matches_the_trainer() {
 }
 
 #[test]
-fn shipped_int8_model_runs_and_its_agreement_is_reported() {
+fn shipped_int8_model_decides_as_f32_on_all_golden_cases_but_one() {
     let mut policy = OnnxPolicy::load(&model_dir().join("router-int8.onnx")).unwrap();
     let cases = golden();
     let mut agree = 0;
@@ -134,9 +134,10 @@ fn shipped_int8_model_runs_and_its_agreement_is_reported() {
         "int8: decisions agree with f32 torch on {agree}/{} golden cases",
         cases.len()
     );
+    // What the models README claims: int8 decides as f32 on all but at most one golden case.
     assert!(
-        agree * 2 >= cases.len(),
-        "int8 disagrees on most decisions: {agree}/{}",
+        agree + 1 >= cases.len(),
+        "int8 agrees with f32 on {agree}/{} golden cases; the README claims all but one",
         cases.len()
     );
 }

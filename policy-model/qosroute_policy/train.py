@@ -48,7 +48,8 @@ class Args:
     arch: str = "han"  # han | mlp (ablation)
     impact_penalty: bool = True  # False: reward = the request's own realised QoS only (ablation)
     teacher: str = "qos-planner"  # qos-planner | qos-greedy | none (ablation: PPO alone)
-    planner: str = "qos-planner"  # the planner's spec when teacher = qos-planner
+    planner: str = "qos-planner:k=64"  # the labelling planner: offline, so more futures than the router's 16
+    init: str = ""  # start from these weights (a model.pt), e.g. to fine-tune with PPO alone
     # Environment: every episode a random catalogue (2-12 pooled profiles) or a subset of one
     # catalogue, under Poisson, bursty or conv-trace (first 40 minutes) arrivals
     catalogues: list = field(default_factory=lambda: ["configs/experts/paper-3x7b.toml", "configs/experts/edge-mixed.toml"])
@@ -61,7 +62,7 @@ class Args:
     # Expert iteration (DAgger) on the teacher: iteration 0 follows the teacher, later ones the
     # network (the teacher's action with probability dagger_beta ** i); every state visited is
     # labelled with the teacher's choice and, from the planner, its per-action gains
-    dagger_iterations: int = 6
+    dagger_iterations: int = 8
     dagger_epochs: int = 4  # passes over the aggregate after each iteration
     dagger_learning_rate: float = 1e-3
     dagger_beta: float = 0.5
@@ -69,7 +70,7 @@ class Args:
     soft_temperature: float = 0.02  # QoS units: gains 0.02 apart weigh e times apart
     value_weight: float = 0.5  # the value head learns the discounted credited returns meanwhile
     # PPO fine-tuning (0 steps: DAgger only)
-    total_steps: int = 32_768  # 8 rollouts of 16 x 256
+    total_steps: int = 16_384  # 4 rollouts of 16 x 256
     learning_rate: float = 1e-4
     anneal_lr: bool = True
     gamma: float = 0.95
@@ -85,7 +86,7 @@ class Args:
     bc_coef_final: float = 0.0
     # Network
     hidden: int = 32
-    heads: int = 4
+    heads: int = 1  # one head: the same quality here, fewer graph ops in tract (models/README.md)
     layers: int = 1
     # Evaluation on training-split scenarios (greedy actions) after each DAgger iteration and
     # every this many PPO rollouts; the best checkpoint by mean ratio to qos-greedy is kept
@@ -294,6 +295,8 @@ def main(argv=None):
         env.set_planner(args.planner, args.seed)
     teacher_key = "planner_action" if labelling else "qos_greedy_action"
     model = make_model(args, sizes)
+    if args.init:
+        model.load_state_dict(torch.load(args.init))
     k, t_len = args.num_envs, args.episode_requests
     history = {"phase": [], "steps": [], "episode_qos": [], "policy_loss": [], "value_loss": [], "entropy": [],
                "imitation": [], "teacher_agreement": [], "eval": []}
@@ -398,6 +401,9 @@ def main(argv=None):
             if args.eval_every:
                 checkpoint("dagger")
         del aggregate
+
+    if args.init and args.eval_every and not history["eval"]:
+        checkpoint("init")
 
     # 2. PPO on the credited reward, the imitation weight and entropy bonus decaying to their
     # final values so that the network can leave the teacher where it is wrong.
