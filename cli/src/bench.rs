@@ -861,6 +861,7 @@ fn daemon_config(
         &mut c,
         broker_url,
         &format!("qosrouted-bench-{}", std::process::id()),
+        None,
         router,
     );
     let _ = writeln!(

@@ -365,12 +365,14 @@ pub(crate) fn find_daemon(explicit: Option<&PathBuf>) -> anyhow::Result<PathBuf>
     Ok(exe)
 }
 
-/// The `[broker]` (clean session, quick reconnects) and `[policy]` sections of a generated
-/// daemon configuration, as the demo and the bench run the daemon.
+/// The `[broker]` (clean session, quick reconnects, and `ack_deadline_s` when given) and
+/// `[policy]` sections of a generated daemon configuration, as the demo and the bench run the
+/// daemon.
 pub(crate) fn broker_and_policy(
     c: &mut String,
     broker_url: &str,
     client_id: &str,
+    ack_deadline_s: Option<f64>,
     router: &Router,
 ) {
     use std::fmt::Write as _;
@@ -380,6 +382,9 @@ pub(crate) fn broker_and_policy(
         toml_str(broker_url),
         toml_str(client_id)
     );
+    if let Some(deadline) = ack_deadline_s {
+        let _ = writeln!(c, "ack_deadline_s = {deadline:?}");
+    }
     let _ = writeln!(c, "\n[policy]");
     match router {
         Router::Learned { dir, .. } => {
