@@ -12,7 +12,7 @@ pub struct TrainArgs {
     /// TOML file of hyper-parameters (keys as in `policy-model/qosroute_policy/train.py` Args).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Environment steps (overrides the config).
+    /// PPO fine-tuning steps after the DAgger iterations (overrides the config).
     #[arg(long)]
     steps: Option<u64>,
     /// Output folder for the model, golden cases and report.

@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use qosroute_core::encoder::{EXPERT_FEATURES, IN_FLIGHT_FEATURES, REQUEST_FEATURES};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::eval;
 
@@ -31,10 +32,10 @@ fn inputs(e: usize, r: usize, w: usize) -> TVec<TValue> {
     let varied = |i: usize| ((i * 7919) % 100) as f32 / 100.0;
     let edge = |i: usize| if i.is_multiple_of(3) { 1.0 } else { 0.0 };
     tvec![
-        filled(&[1, 18], &varied),
-        filled(&[1, e, 24], &varied),
-        filled(&[1, r, 11], &varied),
-        filled(&[1, w, 11], &varied),
+        filled(&[1, REQUEST_FEATURES], &varied),
+        filled(&[1, e, EXPERT_FEATURES], &varied),
+        filled(&[1, r, IN_FLIGHT_FEATURES], &varied),
+        filled(&[1, w, IN_FLIGHT_FEATURES], &varied),
         filled(&[1, e, r], &edge),
         filled(&[1, e, w], &edge),
         filled(&[1, e], &|_| 1.0),
