@@ -24,8 +24,9 @@ use qosroute_sim::{QualityTable, WorkloadSpec};
 use qosroute_swarm::Percentiles;
 use serde::Serialize;
 
-/// The end of the training window: the trace's first 40 minutes, seconds.
-pub(crate) const TRAINING_WINDOW_S: f64 = 2400.0;
+/// The end of the training window, seconds: the trace's first 40 minutes, the part the
+/// learned router's training may see (the rest is held out for evaluation).
+pub(crate) const TRAINING_WINDOW_S: f64 = qosroute_sim::training::TRAINING_TRACE_UNTIL_S;
 /// Fewest requests of a task in the training window for a bound of its own.
 pub(crate) const MIN_SAMPLES: usize = 100;
 
@@ -165,6 +166,11 @@ mod tests {
             prompt_tokens: 100,
             output_tokens,
         }
+    }
+
+    #[test]
+    fn the_window_is_the_first_40_minutes() {
+        assert_eq!(TRAINING_WINDOW_S, 2400.0);
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub struct DemoArgs {
     minutes: f64,
     /// Start this many minutes into the trace (default 40: after the training window, the
     /// first 40 minutes, which the devices' max_tokens bounds come from).
-    #[arg(long, default_value_t = 40.0)]
+    #[arg(long, default_value_t = max_tokens::TRAINING_WINDOW_S / 60.0)]
     offset_minutes: f64,
     /// Arrival rate relative to the trace's (see cli/README.md for what each load does to
     /// the routers).
