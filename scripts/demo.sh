@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The README's main job: the whole system on this machine in about a minute and a half.
+# The README's main job: the whole system on this machine in a few minutes.
 # An embedded MQTT broker (rumqttd), the six edge-mixed experts emulated in-process, the real
-# qosrouted and simulated MQTT devices replaying the Azure conversation trace, once per router.
-# Arguments go to `qosroute demo` (default: --compare han,qos-greedy). Run from anywhere.
+# qosrouted and simulated MQTT devices replaying the Azure conversation trace (minutes 40-43,
+# after the training window), once per router: han, qos-planner, qos-greedy, least-loaded.
+# Arguments go to `qosroute demo` (e.g. --seeds 1,2,3, or --policy least-loaded). Run from
+# anywhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p qosroute-daemon -p qosroute-cli
-if [ "$#" -eq 0 ]; then set -- --compare han,qos-greedy; fi
 exec "${CARGO_TARGET_DIR:-target}/release/qosroute" demo "$@"
