@@ -290,18 +290,24 @@ impl OnnxPolicy {
     }
 }
 
-/// The best allowed action of `logits` under `mask` (`[E + 1]`, last = reject).
-pub fn best_action(logits: &[f32], mask: &[f32]) -> Decision {
+/// The best allowed action of `logits` under `mask` (`[E + 1]`, last = reject), or `None`
+/// when an allowed action's logit is not finite (a failed inference).
+pub fn best_action(logits: &[f32], mask: &[f32]) -> Option<Decision> {
     let mut best: Option<(usize, f32)> = None;
     for (i, (&l, &m)) in logits.iter().zip(mask).enumerate() {
-        if m > 0.5 && best.is_none_or(|(_, b)| l > b) {
-            best = Some((i, l));
+        if m > 0.5 {
+            if !l.is_finite() {
+                return None;
+            }
+            if best.is_none_or(|(_, b)| l > b) {
+                best = Some((i, l));
+            }
         }
     }
-    match best {
+    Some(match best {
         Some((i, _)) if i + 1 < logits.len() => Decision::Route(i),
         _ => Decision::Reject,
-    }
+    })
 }
 
 impl Policy for OnnxPolicy {
@@ -315,9 +321,15 @@ impl Policy for OnnxPolicy {
         arriving: &ArrivingRequest,
         observed: &Observed<'_>,
     ) -> Decision {
-        match self.logits(state, arriving) {
-            Ok(logits) => best_action(&logits, &self.encoded.action_mask),
-            Err(_) => {
+        // A failed inference, or a non-finite logit among the allowed actions (which would
+        // otherwise win or lose every comparison), falls back to qos-greedy and is counted.
+        let decision = self
+            .logits(state, arriving)
+            .ok()
+            .and_then(|logits| best_action(&logits, &self.encoded.action_mask));
+        match decision {
+            Some(d) => d,
+            None => {
                 self.fallbacks += 1;
                 self.fallback.decide(state, arriving, observed)
             }
@@ -333,15 +345,28 @@ mod tests {
     fn best_action_respects_the_mask_and_maps_the_last_column_to_reject() {
         assert_eq!(
             best_action(&[3.0, 1.0, 0.0], &[0.0, 1.0, 1.0]),
-            Decision::Route(1)
+            Some(Decision::Route(1))
         );
         assert_eq!(
             best_action(&[3.0, 1.0, 5.0], &[1.0, 1.0, 1.0]),
-            Decision::Reject
+            Some(Decision::Reject)
         );
         assert_eq!(
             best_action(&[3.0, 1.0, 5.0], &[0.0, 0.0, 0.0]),
-            Decision::Reject
+            Some(Decision::Reject)
+        );
+    }
+
+    #[test]
+    fn a_non_finite_allowed_logit_is_a_failed_inference() {
+        // A NaN first would otherwise win: no later logit compares greater than NaN.
+        assert_eq!(best_action(&[f32::NAN, 1.0, 0.0], &[1.0, 1.0, 1.0]), None);
+        assert_eq!(best_action(&[0.0, f32::INFINITY, 0.0], &[1.0, 1.0, 1.0]), None);
+        assert_eq!(best_action(&[0.0, 1.0, f32::NEG_INFINITY], &[1.0, 1.0, 1.0]), None);
+        // A masked-out action's logit does not matter, whatever it is.
+        assert_eq!(
+            best_action(&[f32::NAN, 1.0, 0.0], &[0.0, 1.0, 1.0]),
+            Some(Decision::Route(1))
         );
     }
 
