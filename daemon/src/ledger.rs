@@ -10,7 +10,9 @@
 //! clients' load) and health decide whether the expert is usable: an expert whose signals are
 //! unknown or stale is not up.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use qosroute_core::{ClusterState, ExpertLedger, ExpertProfile, ExpertState, LedgerEntry, Task};
@@ -83,6 +85,26 @@ pub struct ExpertBook {
     pub configured_latency: qosroute_core::LatencyModel,
     /// For an expert on this host, the device whose load host telemetry reports.
     pub host_device: Option<HostDevice>,
+    /// Tokens streamed back per request in flight, counted without the router's lock by the
+    /// task that streams the answer; copied into the book before every read of it.
+    pub token_counts: HashMap<u64, TokenCount>,
+}
+
+/// Tokens streamed back for one request, shared by the ledger and the task streaming its
+/// answer: the task adds to it on every token without taking the router's lock.
+#[derive(Debug, Clone, Default)]
+pub struct TokenCount(Arc<AtomicU32>);
+
+impl TokenCount {
+    /// Counts `tokens` more.
+    pub fn add(&self, tokens: u32) {
+        self.0.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Tokens counted so far.
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// What host telemetry last read of this host's devices (only when an expert is local).
@@ -147,6 +169,7 @@ impl Ledger {
                     reported_ours: 0,
                     configured_latency: p.latency,
                     host_device: None,
+                    token_counts: HashMap::new(),
                 })
                 .collect(),
             host: None,
@@ -183,7 +206,8 @@ impl Ledger {
     /// as idle. An expert on this host is saturated as well when host telemetry cannot tell
     /// its device's load (unknown or stale), or when the device is busier than
     /// `host_busy_above` while none of our requests run on it (another process has it).
-    pub fn cluster_state(&self, now: Instant, stale_after: Duration) -> ClusterState {
+    pub fn cluster_state(&mut self, now: Instant, stale_after: Duration) -> ClusterState {
+        self.sync_token_counts();
         let now_s = self.secs(now);
         ClusterState {
             now_s,
@@ -268,8 +292,27 @@ impl Ledger {
         }
     }
 
-    /// Records a dispatch.
-    pub fn dispatch(&mut self, e: usize, d: Dispatched) {
+    /// Copies every request's lock-free token count into its book entry.
+    fn sync_token_counts(&mut self) {
+        for book in &mut self.experts {
+            if book.token_counts.is_empty() {
+                continue;
+            }
+            for entry in book.in_flight.entries_mut() {
+                if let Some(count) = book.token_counts.get(&entry.id) {
+                    entry.generated_tokens = count.get();
+                }
+            }
+        }
+    }
+
+    /// Records a dispatch; returns the request's token count, for the task that streams its
+    /// answer to add to without the router's lock.
+    pub fn dispatch(&mut self, e: usize, d: Dispatched) -> TokenCount {
+        let count = TokenCount::default();
+        if let Some(book) = self.experts.get_mut(e) {
+            book.token_counts.insert(d.key, count.clone());
+        }
         let (arrived_s, dispatched_s) = (self.secs(d.arrived_at), self.secs(d.dispatched_at));
         if let Some(book) = self.experts.get_mut(e) {
             book.in_flight.dispatch(
@@ -290,14 +333,19 @@ impl Ledger {
                 dispatched_s,
             );
         }
+        count
     }
 
     /// Records tokens streamed back for a request; returns whether it was the first.
     pub fn tokens(&mut self, e: usize, key: u64, tokens: u32, at: Instant) -> bool {
         let at_s = self.secs(at);
-        self.experts
-            .get_mut(e)
-            .is_some_and(|b| b.in_flight.tokens(key, tokens, at_s))
+        self.experts.get_mut(e).is_some_and(|b| {
+            let first = b.in_flight.tokens(key, tokens, at_s);
+            if let Some(count) = b.token_counts.get(&key) {
+                count.add(tokens);
+            }
+            first
+        })
     }
 
     /// Since when request `key` has held a slot of expert `e` in the daemon's view: its
@@ -314,7 +362,13 @@ impl Ledger {
     /// waiting request takes the slot it frees.
     pub fn finish(&mut self, e: usize, key: u64, now: Instant) -> Option<LedgerEntry> {
         let now_s = self.secs(now);
-        self.experts.get_mut(e)?.in_flight.finish(key, now_s)
+        let book = self.experts.get_mut(e)?;
+        let count = book.token_counts.remove(&key);
+        let mut entry = book.in_flight.finish(key, now_s)?;
+        if let Some(count) = count {
+            entry.generated_tokens = count.get();
+        }
+        Some(entry)
     }
 
     /// A successful request, check or scrape: the expert is alive.
@@ -398,6 +452,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn tokens_counted_without_the_lock_reach_the_state_and_the_finished_entry() {
+        let epoch = Instant::now();
+        let mut ledger = Ledger::new(&[profile("a", 2)], epoch);
+        ledger.mark_ok(0, epoch);
+        let count = ledger.dispatch(0, dispatched(7, epoch));
+        // The first token goes through the ledger (it sets the first-token time) ...
+        assert!(ledger.tokens(0, 7, 1, epoch));
+        // ... the next ones only through the shared count, from another task.
+        let streaming = count.clone();
+        std::thread::spawn(move || (0..41).for_each(|_| streaming.add(1)))
+            .join()
+            .unwrap();
+        assert_eq!(count.get(), 42);
+        let s = ledger.cluster_state(epoch, Duration::from_secs(5));
+        assert_eq!(s.experts[0].running.len(), 1);
+        assert_eq!(s.experts[0].running[0].generated_tokens, 42);
+        count.add(8);
+        let done = ledger.finish(0, 7, epoch).unwrap();
+        assert_eq!(done.generated_tokens, 50);
+        assert!(ledger.experts[0].token_counts.is_empty(), "its count goes with it");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn requests_beyond_the_slots_wait_and_progress_is_tracked() {
         let epoch = Instant::now();
         let mut ledger = Ledger::new(&[profile("a", 2)], epoch);
@@ -461,11 +538,11 @@ mod tests {
         ledger.host_busy_above = 0.9;
         ledger.experts[0].host_device = Some(HostDevice::Cpu);
         ledger.experts[1].host_device = Some(HostDevice::Gpu("nvml1".into()));
-        let running = |l: &Ledger, now| {
+        let running = |l: &mut Ledger, now| {
             let s = l.cluster_state(now, stale);
             (s.experts[0].running.len(), s.experts[1].running.len())
         };
-        assert_eq!(running(&ledger, epoch), (4, 4), "no reading yet: saturated");
+        assert_eq!(running(&mut ledger, epoch), (4, 4), "no reading yet: saturated");
         let reading = |cpu, gpu1| HostReading {
             at: Instant::now(),
             cpu_utilisation: cpu,
@@ -473,25 +550,25 @@ mod tests {
         };
         ledger.host_reading(reading(Some(0.3), None));
         assert_eq!(
-            running(&ledger, epoch),
+            running(&mut ledger, epoch),
             (0, 4),
             "GPU load unknown: saturated"
         );
         ledger.host_reading(reading(Some(0.95), Some(0.2)));
         assert_eq!(
-            running(&ledger, epoch),
+            running(&mut ledger, epoch),
             (4, 0),
             "CPU taken by another process"
         );
         ledger.dispatch(0, dispatched(1, epoch));
         assert_eq!(
-            running(&ledger, epoch),
+            running(&mut ledger, epoch),
             (1, 0),
             "a busy device running our own request is ours, not taken"
         );
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(
-            running(&ledger, Instant::now()),
+            running(&mut ledger, Instant::now()),
             (4, 4),
             "stale reading: saturated"
         );

@@ -13,7 +13,7 @@ use qosroute_core::{
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::ledger::{Dispatched, Ledger};
+use crate::ledger::{Dispatched, Ledger, TokenCount};
 
 /// Consecutive decisions over the time budget that switch the model off.
 const SLOW_DECISIONS_TO_DISABLE: u32 = 3;
@@ -363,9 +363,10 @@ impl Router {
         }
     }
 
-    /// Records that request `d` went to expert `e`.
-    pub fn dispatch(&mut self, e: usize, d: Dispatched) {
-        self.ledger.dispatch(e, d);
+    /// Records that request `d` went to expert `e`; returns its token count, which the task
+    /// streaming the answer adds to without this router's lock.
+    pub fn dispatch(&mut self, e: usize, d: Dispatched) -> TokenCount {
+        self.ledger.dispatch(e, d)
     }
 
     /// Learns a prefill time: from dispatch to first token of a request that did not queue.

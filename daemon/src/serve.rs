@@ -11,7 +11,7 @@ use qosroute_proto::{self as proto, Encoding, ErrorCode};
 use tokio::time::Instant;
 
 use crate::daemon::Shared;
-use crate::ledger::Dispatched;
+use crate::ledger::{Dispatched, TokenCount};
 use crate::link::{Delivery, Lane, Outgoing};
 use crate::metrics::Outcome;
 
@@ -190,7 +190,7 @@ async fn serve(
             return Outcome::ShuttingDown;
         }
         let now = Instant::now();
-        let (routing, expert, client) = {
+        let (routing, expert, client, count) = {
             let mut router = shared.router.lock().await;
             let exclude: Vec<usize> = failed
                 .iter()
@@ -235,7 +235,7 @@ async fn serve(
             };
             let name = router.ledger.experts[e].profile.name.clone();
             let prediction = routing.predictions.get(e).copied();
-            router.dispatch(
+            let count = router.dispatch(
                 e,
                 Dispatched {
                     key: core_request.id,
@@ -250,7 +250,7 @@ async fn serve(
                 },
             );
             let client = shared.client(&name);
-            (routing, name, client)
+            (routing, name, client, count)
         };
         let _ = routing;
         let Some(client) = client else {
@@ -270,6 +270,7 @@ async fn serve(
             &expert,
             device,
             core_request.id,
+            &count,
             task,
             slo,
             arrived_at,
@@ -357,6 +358,7 @@ async fn stream_answer(
     expert: &str,
     device: &str,
     key: u64,
+    count: &TokenCount,
     task: Task,
     slo: f64,
     arrived_at: Instant,
@@ -394,9 +396,13 @@ async fn stream_answer(
         match event {
             Some(Ok(StreamEvent::Token { text, at })) => {
                 tokens += 1;
-                let mut router = shared.router.lock().await;
-                router.ledger.tokens_by_name(expert, key, 1, at);
-                if first_token_at.is_none() {
+                if first_token_at.is_some() {
+                    // Every later token is counted without the router's lock: token
+                    // bookkeeping never waits behind a decision.
+                    count.add(1);
+                } else {
+                    let mut router = shared.router.lock().await;
+                    router.ledger.tokens_by_name(expert, key, 1, at);
                     first_token_at = Some(at);
                     // The prefill time: from when the request got a slot (its dispatch, or
                     // when the request ahead of it finished) to its first token. A request
@@ -408,7 +414,6 @@ async fn stream_answer(
                         router.observe_prefill(e, estimate_prompt_tokens(&request.prompt), ttft);
                     }
                 }
-                drop(router);
                 pending.push_str(&text);
                 pending_tokens += 1;
                 if request.stream
