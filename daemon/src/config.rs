@@ -188,6 +188,13 @@ pub struct PolicyConfig {
     /// `max_decision_ms`. Exclusive with `model_dir`.
     #[serde(default)]
     pub planner: Option<String>,
+    /// A policy that decides beside the serving one on every request, without affecting it,
+    /// so that operators can see how a model would route before adopting it: a hand-made
+    /// policy's name, a planner spec, or `han:DIR` (a learned router's folder, its
+    /// `router-f32.onnx`). Agreements, disagreements and the predicted QoS difference are in
+    /// the metrics; a sample of disagreements is logged.
+    #[serde(default)]
+    pub shadow: Option<String>,
     /// The hand-made policy used when the model is missing, invalid or too slow.
     #[serde(default = "default_fallback")]
     pub fallback: String,
@@ -504,6 +511,7 @@ impl Default for PolicyConfig {
             model_dir: None,
             variant: ModelVariant::default(),
             planner: None,
+            shadow: None,
             fallback: default_fallback(),
             max_decision_ms: default_max_decision_ms(),
         }
@@ -639,6 +647,17 @@ impl Config {
                     "policy.planner",
                     "routes instead of the learned model: remove policy.model_dir, or this",
                 );
+            }
+        }
+        if let Some(shadow) = &self.policy.shadow {
+            match shadow.strip_prefix("han:") {
+                Some("") => p.add("policy.shadow", "han: needs the learned router's folder"),
+                Some(_) => {}
+                None => {
+                    if let Err(e) = qosroute_core::baseline(shadow, 0) {
+                        p.add("policy.shadow", format!("{e} (or han:DIR)"));
+                    }
+                }
             }
         }
         if !qosroute_core::BASELINE_NAMES.contains(&self.policy.fallback.as_str()) {
@@ -1108,5 +1127,32 @@ mod tests {
         );
         assert_eq!(HostDevice::parse("cpu"), Some(HostDevice::Cpu));
         assert_eq!(HostDevice::parse("gpu:"), None);
+    }
+
+    #[test]
+    fn a_shadow_policy_must_name_a_policy() {
+        let with = |shadow: &str| {
+            let text = example().replace(
+                "fallback = \"qos-greedy\"",
+                &format!("shadow = \"{shadow}\"\nfallback = \"qos-greedy\""),
+            );
+            Config::parse(&text, "shadow")
+                .unwrap()
+                .validate()
+                .into_iter()
+                .filter(|p| p.key == "policy.shadow")
+                .map(|p| p.message)
+                .collect::<Vec<_>>()
+        };
+        assert!(with("least-loaded").is_empty());
+        assert!(with("qos-planner:k=8").is_empty());
+        assert!(with("han:/opt/models/candidate").is_empty());
+        assert_eq!(with("nonsense").len(), 1, "{:?}", with("nonsense"));
+        assert!(with("han:")[0].contains("folder"), "{:?}", with("han:"));
+        assert!(
+            with("qos-planner:k=0")[0].contains("k"),
+            "{:?}",
+            with("qos-planner:k=0")
+        );
     }
 }

@@ -779,9 +779,15 @@ async fn serve_metrics(
             let line = String::from_utf8_lossy(&head[..n]);
             let response = if line.starts_with("GET /metrics") {
                 let plans_compiled;
+                let shadow;
                 let experts: Vec<crate::metrics::ExpertGauges> = {
                     let router = s.router.lock().await;
                     plans_compiled = router.plans_compiled();
+                    shadow = router.has_shadow().then(|| {
+                        let names: Vec<String> =
+                            router.ledger.experts.iter().map(|b| b.profile.name.clone()).collect();
+                        crate::metrics::render_shadow(router.shadow_stats(), &names)
+                    });
                     let now = Instant::now();
                     let stale = Duration::from_secs_f64(s.config().telemetry.stale_after_s);
                     router
@@ -803,6 +809,9 @@ async fn serve_metrics(
                 body.push_str(&format!(
                     "# HELP qosroute_policy_plans_compiled Inference plans the learned router has compiled (each takes tens of ms, once per graph size).\n# TYPE qosroute_policy_plans_compiled counter\nqosroute_policy_plans_compiled {plans_compiled}\n"
                 ));
+                if let Some(text) = shadow {
+                    body.push_str(&text);
+                }
                 format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
             } else {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()

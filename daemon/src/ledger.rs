@@ -471,7 +471,10 @@ mod tests {
         count.add(8);
         let done = ledger.finish(0, 7, epoch).unwrap();
         assert_eq!(done.generated_tokens, 50);
-        assert!(ledger.experts[0].token_counts.is_empty(), "its count goes with it");
+        assert!(
+            ledger.experts[0].token_counts.is_empty(),
+            "its count goes with it"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -542,7 +545,11 @@ mod tests {
             let s = l.cluster_state(now, stale);
             (s.experts[0].running.len(), s.experts[1].running.len())
         };
-        assert_eq!(running(&mut ledger, epoch), (4, 4), "no reading yet: saturated");
+        assert_eq!(
+            running(&mut ledger, epoch),
+            (4, 4),
+            "no reading yet: saturated"
+        );
         let reading = |cpu, gpu1| HostReading {
             at: Instant::now(),
             cpu_utilisation: cpu,

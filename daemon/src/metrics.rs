@@ -96,6 +96,33 @@ impl Histogram {
     }
 }
 
+/// The shadow policy's counts in Prometheus text: decisions by agreement with the serving
+/// policy, and per expert the shadow chose when it disagreed (`reject` for a rejection) the
+/// count and the sum of its one-step predicted QoS gain over the serving decision.
+pub fn render_shadow(stats: &crate::router::ShadowStats, experts: &[String]) -> String {
+    let mut out = String::new();
+    out.push_str("# HELP qosroute_shadow_decisions_total Decisions of the shadow policy, by agreement with the serving policy.\n# TYPE qosroute_shadow_decisions_total counter\n");
+    out.push_str(&format!(
+        "qosroute_shadow_decisions_total{{agreement=\"agree\"}} {}\nqosroute_shadow_decisions_total{{agreement=\"disagree\"}} {}\n",
+        stats.agreements, stats.disagreements
+    ));
+    out.push_str("# HELP qosroute_shadow_disagreements_total Disagreements, by the shadow policy's choice.\n# TYPE qosroute_shadow_disagreements_total counter\n");
+    let mut gains = String::from(
+        "# HELP qosroute_shadow_predicted_qos_gain_sum Sum over disagreements of the shadow choice's predicted QoS minus the serving choice's (one-step impact estimate), by the shadow policy's choice.\n# TYPE qosroute_shadow_predicted_qos_gain_sum counter\n",
+    );
+    for (i, (count, gain)) in stats.by_choice.iter().enumerate() {
+        let label = experts.get(i).map_or("reject", String::as_str);
+        let label = escape(label);
+        out.push_str(&format!(
+            "qosroute_shadow_disagreements_total{{choice=\"{label}\"}} {count}\n"
+        ));
+        gains.push_str(&format!(
+            "qosroute_shadow_predicted_qos_gain_sum{{choice=\"{label}\"}} {gain}\n"
+        ));
+    }
+    out + &gains
+}
+
 /// Every metric of the daemon.
 #[derive(Debug, Default)]
 pub struct Metrics {

@@ -9,6 +9,7 @@ use qosroute_core::{
     ArrivalWindow, ArrivingRequest, Decision, ExpertOutputLengths, ExpertProfile,
     InvalidQualityPrior, LatencyCalibrator, Observed, OnnxPolicy, PlannerConfig, PlannerStats,
     Policy, Prediction, QosPlanner, QualityBook, Request, Task, UnknownPolicy,
+    baselines::QosGreedy,
 };
 use tokio::time::Instant;
 
@@ -31,6 +32,48 @@ pub enum RouterError {
     /// A quality prior is out of range.
     #[error(transparent)]
     QualityPrior(#[from] InvalidQualityPrior),
+    /// `policy.shadow` names no usable policy.
+    #[error("policy.shadow: {0}")]
+    Shadow(String),
+}
+
+/// What the shadow policy decided for one request, beside the serving decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShadowDecision {
+    /// Its decision (a route to an ineligible expert counts as a rejection, as for the
+    /// serving policy).
+    pub decision: Decision,
+    /// The impact estimator's one-step predicted QoS of its decision minus that of the
+    /// serving decision (`QosGreedy::score`; a rejection scores 0).
+    pub predicted_qos_gain: f64,
+}
+
+/// Counts of the shadow policy's decisions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShadowStats {
+    /// Decisions equal to the serving policy's.
+    pub agreements: u64,
+    /// Decisions that differ.
+    pub disagreements: u64,
+    /// Per expert the shadow chose when it disagreed (policy order; reject last): how many
+    /// times, and the sum of its predicted QoS gains there.
+    pub by_choice: Vec<(u64, f64)>,
+}
+
+/// The shadow policy of `config`, if `[policy] shadow` names one.
+fn shadow_of(config: &Config) -> Result<Option<Box<dyn Policy + Send>>, RouterError> {
+    let Some(spec) = &config.policy.shadow else {
+        return Ok(None);
+    };
+    if let Some(dir) = spec.strip_prefix("han:") {
+        let file = std::path::Path::new(dir).join("router-f32.onnx");
+        return OnnxPolicy::load(&file)
+            .map(|m| Some(Box::new(m) as Box<dyn Policy + Send>))
+            .map_err(|e| RouterError::Shadow(format!("{}: {e}", file.display())));
+    }
+    qosroute_core::baseline(spec, 0)
+        .map(Some)
+        .map_err(|e| RouterError::Shadow(e.to_string()))
 }
 
 /// What the router decided for one request.
@@ -48,6 +91,8 @@ pub struct Routing {
     /// Whether the planner's time budget ran out (it decided on the futures played so far,
     /// or fell back).
     pub budget_exhausted: bool,
+    /// The shadow policy's decision, when one is configured.
+    pub shadow: Option<ShadowDecision>,
 }
 
 /// The planner of `config`, if `[policy] planner` names one; its budget is `max_decision_ms`
@@ -78,6 +123,11 @@ pub struct Router {
     /// The Monte-Carlo planner, when it routes instead of a learned model.
     planner: Option<QosPlanner>,
     fallback: Box<dyn Policy + Send>,
+    /// Decides beside the serving policy, without affecting it (`[policy] shadow`).
+    shadow: Option<Box<dyn Policy + Send>>,
+    shadow_stats: ShadowStats,
+    /// Scores decisions for the shadow comparison.
+    scorer: QosGreedy,
     max_decision: Duration,
     slow_in_a_row: u32,
     model_paused_until: Option<Instant>,
@@ -141,6 +191,9 @@ impl Router {
             model,
             planner: planner_of(config)?,
             fallback: qosroute_core::baseline(&config.policy.fallback, 0)?,
+            shadow: shadow_of(config)?,
+            shadow_stats: ShadowStats::default(),
+            scorer: QosGreedy::default(),
             max_decision: Duration::from_secs_f64(config.policy.max_decision_ms / 1e3),
             slow_in_a_row: 0,
             model_paused_until: None,
@@ -172,6 +225,7 @@ impl Router {
         replace_model: bool,
     ) -> Result<(), RouterError> {
         let fallback = qosroute_core::baseline(&config.policy.fallback, 0)?;
+        let shadow = shadow_of(config)?;
         self.quality.reconfigure(
             config
                 .experts
@@ -208,6 +262,8 @@ impl Router {
                 ledger.experts[new].health = self.ledger.experts[old].health.clone();
                 ledger.experts[new].reported = self.ledger.experts[old].reported;
                 ledger.experts[new].reported_ours = self.ledger.experts[old].reported_ours;
+                ledger.experts[new].token_counts =
+                    std::mem::take(&mut self.ledger.experts[old].token_counts);
             }
         }
         self.ledger = ledger;
@@ -216,6 +272,9 @@ impl Router {
             self.apply_calibration(e);
         }
         self.fallback = fallback;
+        self.shadow = shadow;
+        // Per-expert shadow counts are by position, which a reload may change: they restart.
+        self.shadow_stats.by_choice.clear();
         let planner = planner_of(config)?;
         // A planner whose parameters did not change keeps its random stream and counters.
         if planner.as_ref().map(QosPlanner::config) != self.planner.as_ref().map(QosPlanner::config)
@@ -350,17 +409,59 @@ impl Router {
             }
         }
         // A policy may only route to an eligible expert; anything else is a rejection.
-        let decision = match decision {
+        let eligible = |d: Decision| match d {
             Decision::Route(e) if state.is_eligible(e, request.prompt_tokens) => Decision::Route(e),
             _ => Decision::Reject,
         };
+        let decision = eligible(decision);
+        // The shadow decides on the same view, after the serving decision and off its clock.
+        let shadow = self.shadow.as_mut().map(|shadow| {
+            let theirs = eligible(off_the_worker(|| {
+                shadow.decide(&state, &arriving, &observed)
+            }));
+            let mut score = |d: Decision| match d {
+                Decision::Route(e) => self.scorer.score(&state, &arriving, e),
+                Decision::Reject => 0.0,
+            };
+            ShadowDecision {
+                decision: theirs,
+                predicted_qos_gain: score(theirs) - score(decision),
+            }
+        });
+        if let Some(s) = shadow {
+            let stats = &mut self.shadow_stats;
+            if s.decision == decision {
+                stats.agreements += 1;
+            } else {
+                stats.disagreements += 1;
+                let experts = state.experts.len();
+                stats.by_choice.resize(experts + 1, (0, 0.0));
+                let slot = match s.decision {
+                    Decision::Route(e) => e.min(experts),
+                    Decision::Reject => experts,
+                };
+                stats.by_choice[slot].0 += 1;
+                stats.by_choice[slot].1 += s.predicted_qos_gain;
+            }
+        }
         Routing {
             decision,
             predictions: arriving.predictions,
             took,
             fell_back,
             budget_exhausted,
+            shadow,
         }
+    }
+
+    /// The shadow policy's counts so far (all zero without one).
+    pub fn shadow_stats(&self) -> &ShadowStats {
+        &self.shadow_stats
+    }
+
+    /// Whether a shadow policy decides beside the serving one.
+    pub fn has_shadow(&self) -> bool {
+        self.shadow.is_some()
     }
 
     /// Records that request `d` went to expert `e`; returns its token count, which the task
@@ -479,6 +580,79 @@ mod tests {
                 .predictions
                 .iter()
                 .all(|p| p.output_tokens == uncapped)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shadow_policy_never_changes_the_serving_decision_and_is_counted() {
+        let epoch = Instant::now();
+        let plain = config();
+        let mut shadowed = config();
+        shadowed.policy.shadow = Some("round-robin".into());
+        let mut a = Router::new(&plain, None, epoch).unwrap();
+        let mut b = Router::new(&shadowed, None, epoch).unwrap();
+        assert!(!a.has_shadow() && b.has_shadow());
+        for r in [&mut a, &mut b] {
+            for e in 0..r.ledger.experts.len() {
+                r.ledger.mark_ok(e, epoch);
+            }
+        }
+        let mut disagreements = 0;
+        for id in 0..40u64 {
+            let request = Request {
+                id,
+                arrival_s: 0.0,
+                task: Task::ALL[id as usize % Task::COUNT],
+                prompt_tokens: 100 + 50 * id as u32,
+                slo_s_per_token: 0.1,
+                max_output_tokens: None,
+            };
+            let now = epoch + Duration::from_millis(10 * id);
+            let (x, y) = (
+                a.decide(&request, 256, &[], now),
+                b.decide(&request, 256, &[], now),
+            );
+            assert_eq!(
+                x.decision, y.decision,
+                "request {id}: the shadow changed the decision"
+            );
+            assert!(x.shadow.is_none());
+            let shadow = y.shadow.unwrap();
+            if shadow.decision != y.decision {
+                disagreements += 1;
+            } else {
+                assert_eq!(shadow.predicted_qos_gain, 0.0);
+            }
+            // Both dispatch the serving decision, so both views stay the same.
+            if let Decision::Route(e) = x.decision {
+                for r in [&mut a, &mut b] {
+                    let _count = r.dispatch(
+                        e,
+                        Dispatched {
+                            key: id,
+                            task: request.task,
+                            prompt_tokens: request.prompt_tokens,
+                            predicted_output_tokens: 100.0,
+                            predicted_quality: 0.5,
+                            slo_s_per_token: 0.1,
+                            max_output_tokens: Some(256),
+                            arrived_at: now,
+                            dispatched_at: now,
+                        },
+                    );
+                }
+            }
+        }
+        let stats = b.shadow_stats();
+        assert_eq!(stats.agreements + stats.disagreements, 40);
+        assert_eq!(stats.disagreements, disagreements);
+        assert!(
+            disagreements > 0,
+            "round-robin differs from qos-greedy somewhere"
+        );
+        assert_eq!(
+            stats.by_choice.iter().map(|(n, _)| n).sum::<u64>(),
+            disagreements
         );
     }
 }

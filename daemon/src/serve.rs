@@ -213,6 +213,31 @@ async fn serve(
                     .fallbacks
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            if let Some(shadow) = routing.shadow
+                && shadow.decision != routing.decision
+            {
+                // A sample of the disagreements: the first ten, then one in a hundred.
+                let n = router.shadow_stats().disagreements;
+                if n <= 10 || n % 100 == 0 {
+                    let name = |d: Decision| match d {
+                        Decision::Route(e) => router
+                            .ledger
+                            .experts
+                            .get(e)
+                            .map_or("?", |b| b.profile.name.as_str()),
+                        Decision::Reject => "reject",
+                    };
+                    tracing::info!(
+                        request = id,
+                        task = task.as_str(),
+                        serving = name(routing.decision),
+                        shadow = name(shadow.decision),
+                        predicted_qos_gain = shadow.predicted_qos_gain,
+                        disagreements = n,
+                        "shadow policy disagrees"
+                    );
+                }
+            }
             let Decision::Route(e) = routing.decision else {
                 drop(router);
                 let (code, message) = if attempt == 0 {
