@@ -58,7 +58,9 @@ pub fn baseline(name: &str, seed: u64) -> Result<Box<dyn Policy + Send>, Unknown
     })
 }
 
-fn candidate(arriving: &ArrivingRequest, e: usize) -> Candidate {
+/// The impact estimator's candidate of routing `arriving` to expert `e`, from its predictions
+/// there (every router that scores an action builds it here).
+pub fn candidate(arriving: &ArrivingRequest, e: usize) -> Candidate {
     let p = arriving
         .predictions
         .get(e)

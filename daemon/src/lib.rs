@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod link;
 pub mod logging;
 pub mod metrics;
+pub mod prediction_error;
 pub mod router;
 pub mod serve;
 pub mod topics;

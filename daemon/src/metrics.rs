@@ -152,6 +152,8 @@ pub struct Metrics {
     pub acks_early: AtomicU64,
     /// Device feedback messages applied.
     pub feedback: AtomicU64,
+    /// The router's predictions against what completed requests measured.
+    pub prediction_errors: crate::prediction_error::PredictionErrors,
 }
 
 impl Metrics {
@@ -302,6 +304,7 @@ impl Metrics {
         if let Some(h) = host {
             render_host(&mut out, h);
         }
+        out.push_str(&self.prediction_errors.render(escape));
         out
     }
 }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::ledger::{Dispatched, Ledger, TokenCount};
+use crate::prediction_error::PredictedLatency;
 
 /// Consecutive decisions over the time budget that switch the model off.
 const SLOW_DECISIONS_TO_DISABLE: u32 = 3;
@@ -93,6 +94,9 @@ pub struct Routing {
     pub budget_exhausted: bool,
     /// The shadow policy's decision, when one is configured.
     pub shadow: Option<ShadowDecision>,
+    /// The impact estimator's latency prediction on the chosen expert, for the live
+    /// prediction error (`None` for a rejection).
+    pub predicted: Option<PredictedLatency>,
 }
 
 /// The planner of `config`, if `[policy] planner` names one; its budget is `max_decision_ms`
@@ -444,6 +448,19 @@ impl Router {
                 stats.by_choice[slot].1 += s.predicted_qos_gain;
             }
         }
+        let predicted = match decision {
+            Decision::Route(e) => {
+                let impact = qosroute_core::impact_of(
+                    &state.experts[e],
+                    &qosroute_core::baselines::candidate(&arriving, e),
+                );
+                Some(PredictedLatency {
+                    ttft_s: impact.own.wait_s + impact.own.prefill_s + impact.own.queued_prefill_s,
+                    per_token_s: impact.own.per_token_s,
+                })
+            }
+            Decision::Reject => None,
+        };
         Routing {
             decision,
             predictions: arriving.predictions,
@@ -451,6 +468,7 @@ impl Router {
             fell_back,
             budget_exhausted,
             shadow,
+            predicted,
         }
     }
 

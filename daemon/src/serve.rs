@@ -14,6 +14,7 @@ use crate::daemon::Shared;
 use crate::ledger::{Dispatched, TokenCount};
 use crate::link::{Delivery, Lane, Outgoing};
 use crate::metrics::Outcome;
+use crate::prediction_error::PredictedLatency;
 
 /// Where and how replies to one request go.
 #[derive(Debug, Clone)]
@@ -277,7 +278,7 @@ async fn serve(
             let client = shared.client(&name);
             (routing, name, client, count)
         };
-        let _ = routing;
+        let predicted = routing.predicted;
         let Some(client) = client else {
             shared.router.lock().await.ledger.finish_by_name(
                 &expert,
@@ -296,6 +297,7 @@ async fn serve(
             device,
             core_request.id,
             &count,
+            predicted,
             task,
             slo,
             arrived_at,
@@ -384,6 +386,7 @@ async fn stream_answer(
     device: &str,
     key: u64,
     count: &TokenCount,
+    predicted: Option<PredictedLatency>,
     task: Task,
     slo: f64,
     arrived_at: Instant,
@@ -461,6 +464,14 @@ async fn stream_answer(
                 let s_per_token = total_s / f64::from(output_tokens.max(1));
                 // The simulator's rule: strictly under the SLO.
                 let slo_met = qosroute_core::slo_met(s_per_token, slo);
+                if let Some(predicted) = predicted {
+                    let ttft = first_token_at
+                        .map(|t| t.saturating_duration_since(arrived_at).as_secs_f64());
+                    shared
+                        .metrics
+                        .prediction_errors
+                        .observe(expert, predicted, ttft, s_per_token);
+                }
                 let quality = extension
                     .as_ref()
                     .and_then(|x| x.get("quality"))

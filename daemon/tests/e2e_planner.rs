@@ -7,47 +7,9 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use qosroute_emulator::Faults;
-use qosroute_proto::{self as proto, Encoding, Reply};
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use support::site::{SITE, config, encode, expert, request, until_up};
-use support::{Broker, Daemon, Device, start_daemon};
-
-/// Sends `n` requests at once from one device; returns how many `Final`s and `Error`s each id
-/// got.
-async fn burst(broker: &Broker, daemon: &Daemon, n: usize) -> BTreeMap<String, (u32, u32)> {
-    let topic = format!("qosroute/v1/{SITE}/resp/dev-p");
-    let mut device = Device::connect(broker.port, "dev-p", &[&topic]).await;
-    for i in 0..n {
-        device
-            .publish(
-                &format!("qosroute/v1/{SITE}/req/dev-p"),
-                encode(&request(&format!("p{i}"), false), Encoding::Json),
-                PublishProperties::default(),
-            )
-            .await;
-    }
-    let mut ends: BTreeMap<String, (u32, u32)> = BTreeMap::new();
-    while ends.values().map(|(f, e)| f + e).sum::<u32>() < n as u32 {
-        let Some(p) = device.next(Duration::from_secs(20)).await else {
-            panic!(
-                "replies missing: {ends:?}; daemon log:\n{}",
-                daemon.log_text()
-            );
-        };
-        let reply = proto::decode_reply(&p.payload, Encoding::Json).unwrap();
-        let slot = ends.entry(reply.id().as_str().to_owned()).or_default();
-        match reply {
-            Reply::Final(_) => slot.0 += 1,
-            Reply::Error(_) => slot.1 += 1,
-            Reply::Chunk(_) => {}
-        }
-    }
-    ends
-}
+use support::site::{burst, config, expert, until_up};
+use support::{Broker, start_daemon};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_planner_routes_every_request_within_its_budget() {
@@ -69,7 +31,7 @@ async fn the_planner_routes_every_request_within_its_budget() {
         "{}",
         daemon.log_text()
     );
-    let ends = burst(&broker, &daemon, 24).await;
+    let ends = burst(&broker, &daemon, "dev-p", 24).await;
     assert_eq!(ends.len(), 24);
     assert!(
         ends.values().all(|&(f, e)| f == 1 && e == 0),
@@ -102,7 +64,7 @@ async fn a_budget_too_small_for_enough_futures_falls_back_to_qos_greedy_and_coun
     );
     let daemon = start_daemon(&cfg);
     until_up(&daemon, &["a"]).await;
-    let ends = burst(&broker, &daemon, 6).await;
+    let ends = burst(&broker, &daemon, "dev-p", 6).await;
     assert!(ends.values().all(|&(f, _)| f == 1), "{ends:?}");
     assert_eq!(daemon.metric("qosroute_policy_fallbacks_total"), Some(6.0));
     assert_eq!(

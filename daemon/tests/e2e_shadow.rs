@@ -8,47 +8,9 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use qosroute_emulator::{EmulatedExpert, Faults};
-use qosroute_proto::{self as proto, Encoding, Reply};
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use support::site::{SITE, config, encode, expert, request, until_up};
-use support::{Broker, Daemon, Device, start_daemon};
-
-/// Sends `n` requests at once from one device; returns how many `Final`s and `Error`s each id
-/// got.
-async fn burst(broker: &Broker, daemon: &Daemon, n: usize) -> BTreeMap<String, (u32, u32)> {
-    let topic = format!("qosroute/v1/{SITE}/resp/dev-s");
-    let mut device = Device::connect(broker.port, "dev-s", &[&topic]).await;
-    for i in 0..n {
-        device
-            .publish(
-                &format!("qosroute/v1/{SITE}/req/dev-s"),
-                encode(&request(&format!("s{i}"), false), Encoding::Json),
-                PublishProperties::default(),
-            )
-            .await;
-    }
-    let mut ends: BTreeMap<String, (u32, u32)> = BTreeMap::new();
-    while ends.values().map(|(f, e)| f + e).sum::<u32>() < n as u32 {
-        let Some(p) = device.next(Duration::from_secs(20)).await else {
-            panic!(
-                "replies missing: {ends:?}; daemon log:\n{}",
-                daemon.log_text()
-            );
-        };
-        let reply = proto::decode_reply(&p.payload, Encoding::Json).unwrap();
-        let slot = ends.entry(reply.id().as_str().to_owned()).or_default();
-        match reply {
-            Reply::Final(_) => slot.0 += 1,
-            Reply::Error(_) => slot.1 += 1,
-            Reply::Chunk(_) => {}
-        }
-    }
-    ends
-}
+use support::site::{burst, config, expert, until_up};
+use support::{Broker, Daemon, start_daemon};
 
 /// The site's config served by `qos-greedy` (no model) with this shadow policy.
 fn shadowed(broker: &Broker, experts: &[(&EmulatedExpert, &str)], shadow: &str) -> String {
@@ -78,7 +40,7 @@ async fn a_round_robin_shadow_is_counted_and_logged_and_never_serves() {
     );
     let daemon = start_daemon(&shadowed(&broker, &[(&a, "a"), (&b, "b")], "round-robin"));
     until_up(&daemon, &["a", "b"]).await;
-    let ends = burst(&broker, &daemon, 24).await;
+    let ends = burst(&broker, &daemon, "dev-s", 24).await;
     assert!(
         ends.values().all(|&(f, e)| f == 1 && e == 0),
         "one final each: {ends:?}"
@@ -123,7 +85,7 @@ async fn the_learned_router_can_shadow_the_rule_that_serves() {
         &format!("han:{model}"),
     ));
     until_up(&daemon, &["a", "b"]).await;
-    let ends = burst(&broker, &daemon, 16).await;
+    let ends = burst(&broker, &daemon, "dev-s", 16).await;
     assert!(ends.values().all(|&(f, _)| f == 1), "{ends:?}");
     let (agree, disagree) = shadow_counts(&daemon);
     assert_eq!(agree + disagree, 16.0);

@@ -2,6 +2,7 @@
 //! them, devices' requests and the replies they collect.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,4 +148,41 @@ pub async fn replies(
             return out;
         }
     }
+}
+
+/// Sends `n` requests at once from device `device`; returns how many `Final`s and `Error`s
+/// each id got.
+pub async fn burst(
+    broker: &Broker,
+    daemon: &Daemon,
+    device: &str,
+    n: usize,
+) -> BTreeMap<String, (u32, u32)> {
+    let topic = format!("qosroute/v1/{SITE}/resp/{device}");
+    let mut dev = Device::connect(broker.port, device, &[&topic]).await;
+    for i in 0..n {
+        dev.publish(
+            &format!("qosroute/v1/{SITE}/req/{device}"),
+            encode(&request(&format!("{device}-{i}"), false), Encoding::Json),
+            PublishProperties::default(),
+        )
+        .await;
+    }
+    let mut ends: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    while ends.values().map(|(f, e)| f + e).sum::<u32>() < n as u32 {
+        let Some(p) = dev.next(Duration::from_secs(20)).await else {
+            panic!(
+                "replies missing: {ends:?}; daemon log:\n{}",
+                daemon.log_text()
+            );
+        };
+        let reply = proto::decode_reply(&p.payload, Encoding::Json).unwrap();
+        let slot = ends.entry(reply.id().as_str().to_owned()).or_default();
+        match reply {
+            Reply::Final(_) => slot.0 += 1,
+            Reply::Error(_) => slot.1 += 1,
+            Reply::Chunk(_) => {}
+        }
+    }
+    ends
 }
