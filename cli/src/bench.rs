@@ -50,8 +50,13 @@ use crate::demo::{
 /// The site of the bench's topics.
 const SITE: &str = "bench";
 /// Targets of issue 6.
-const TARGET_RPS: f64 = 5_000.0;
-const TARGET_ADDED_P99_US: f64 = 1_000.0;
+const TARGET_RPS: f64 = 10_000.0;
+const TARGET_ADDED_P99_US: f64 = 500.0;
+/// Slots of the stub with the worst answers (the one with the best answers has 1/32 of them).
+const STUB_SLOTS_MOST: u32 = 256;
+/// Decode step the daemon is told the stub with the best answers takes (the worst: 1/6 of
+/// it), seconds.
+const STUB_STEP_S_SLOWEST: f64 = 0.006;
 const TARGET_RSS_KIB: u64 = 32 * 1024;
 /// Admission limits per device, set so that they never cap the bench.
 const DEVICE_RATE_PER_S: f64 = 1.0e9;
@@ -873,15 +878,21 @@ fn daemon_config(
         c,
         "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[shutdown]\ndrain_deadline_s = 2.0"
     );
+    // The stubs answer at once, but the daemon is told they differ as a real site's experts
+    // do: the better the answers, the fewer the slots and the slower the steps, so that under
+    // load the router spreads requests instead of sending all of them to the best expert.
     for (i, s) in stubs.iter().enumerate() {
+        let rank = (i % 6) as u32;
         let _ = writeln!(
             c,
-            "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = \"vllm\"\nquality_model = {}\nmax_slots = 256\nkv_tokens = 1000000\nhardware = \"zero-latency stub in qosroute bench\"\n[expert.latency]\nprefill_tok_s = 1e6\ndecode_t0_s = 1e-4\ndecode_d_s_per_seq = 1e-6\ndecode_e_s_per_ctx_token = 1e-9\n[expert.quality]\ndefault = {:.2}",
+            "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = \"vllm\"\nquality_model = {}\nmax_slots = {}\nkv_tokens = 1000000\nhardware = \"zero-latency stub in qosroute bench\"\n[expert.latency]\nprefill_tok_s = 1e5\ndecode_t0_s = {:e}\ndecode_d_s_per_seq = 1e-4\ndecode_e_s_per_ctx_token = 1e-9\n[expert.quality]\ndefault = {:.2}",
             toml_str(&s.stub.name),
             toml_str(&s.base_url),
             toml_str(&s.stub.model),
             toml_str(QUALITY_MODELS[i % QUALITY_MODELS.len()]),
-            0.5 + 0.05 * (i % 6) as f64,
+            STUB_SLOTS_MOST >> (5 - rank),
+            STUB_STEP_S_SLOWEST * f64::from(6 - rank) / 6.0,
+            0.75 - 0.05 * f64::from(rank),
         );
     }
     c

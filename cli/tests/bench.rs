@@ -77,7 +77,7 @@ fn a_tiny_bench_reports_every_measurement() {
             "--devices",
             "2",
             "--window",
-            "4",
+            "32",
             "--warmup",
             "0.3",
             "--seconds",
@@ -120,8 +120,16 @@ fn a_tiny_bench_reports_every_measurement() {
     assert!(v["throughput"]["errors"].is_object());
     assert!(v["throughput"]["errors_total"].is_object());
     check_stats(&v, "throughput.publish_to_final", 1.0);
-    assert!(num(&v, "throughput.cpu.daemon_cores") > 0.0);
-    assert!(num(&v, "throughput.cpu.mosquitto_cores") >= 0.0);
+    // CPU shares add up: no process used more than the machine did (one 10 ms tick of
+    // rounding each).
+    let machine = num(&v, "throughput.cpu.machine_busy_cores");
+    let daemon = num(&v, "throughput.cpu.daemon_cores");
+    let mosquitto = num(&v, "throughput.cpu.mosquitto_cores");
+    assert!(daemon > 0.0, "the daemon worked");
+    assert!(
+        daemon + mosquitto <= machine + 0.05,
+        "{daemon} + {mosquitto} > {machine}"
+    );
     let served: f64 = v["throughput"]["served_by_expert"]
         .as_object()
         .unwrap()
@@ -134,12 +142,43 @@ fn a_tiny_bench_reports_every_measurement() {
     assert!(idle > 0.0 && hwm >= idle, "{idle} {hwm}");
     assert!(num(&v, "memory.after_vmrss_kib") > 0.0);
     assert!(num(&v, "daemon.decisions") > 0.0);
+    // The goals are issue 17's, and each verdict is the measured figure against its goal.
     let targets = v["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 3);
+    let goals: Vec<&str> = targets
+        .iter()
+        .map(|t| t["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(goals, [">= 10000", "<= 500", "<= 32768"]);
+    assert_eq!(
+        num(&targets[0], "measured"),
+        num(&v, "throughput.requests_per_s")
+    );
+    assert_eq!(
+        num(&targets[1], "measured"),
+        num(&v, "added_latency.added.p99_us")
+    );
+    assert_eq!(num(&targets[2], "measured"), num(&v, "memory.vmhwm_kib"));
     for t in targets {
-        assert!(t["measured"].is_number(), "{t}");
-        assert!(t["met"].is_boolean(), "{t}");
+        let (op, goal) = t["target"].as_str().unwrap().split_once(' ').unwrap();
+        let (measured, goal) = (
+            t["measured"].as_f64().unwrap(),
+            goal.parse::<f64>().unwrap(),
+        );
+        let met = if op == ">=" {
+            measured >= goal
+        } else {
+            measured <= goal
+        };
+        assert_eq!(t["met"].as_bool(), Some(met), "{t}");
     }
+    // The stubs differ, so the router spreads the load over more than one of them.
+    let busy = v["throughput"]["served_by_expert"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|x| x.as_f64().unwrap() > 0.0)
+        .count();
+    assert!(busy >= 2, "{}", v["throughput"]["served_by_expert"]);
     assert!(v["problem"].is_null(), "{}", v["problem"]);
     assert_eq!(v["daemon_exit_code"], 0);
 }
