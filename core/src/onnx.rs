@@ -361,8 +361,14 @@ mod tests {
     fn a_non_finite_allowed_logit_is_a_failed_inference() {
         // A NaN first would otherwise win: no later logit compares greater than NaN.
         assert_eq!(best_action(&[f32::NAN, 1.0, 0.0], &[1.0, 1.0, 1.0]), None);
-        assert_eq!(best_action(&[0.0, f32::INFINITY, 0.0], &[1.0, 1.0, 1.0]), None);
-        assert_eq!(best_action(&[0.0, 1.0, f32::NEG_INFINITY], &[1.0, 1.0, 1.0]), None);
+        assert_eq!(
+            best_action(&[0.0, f32::INFINITY, 0.0], &[1.0, 1.0, 1.0]),
+            None
+        );
+        assert_eq!(
+            best_action(&[0.0, 1.0, f32::NEG_INFINITY], &[1.0, 1.0, 1.0]),
+            None
+        );
         // A masked-out action's logit does not matter, whatever it is.
         assert_eq!(
             best_action(&[f32::NAN, 1.0, 0.0], &[0.0, 1.0, 1.0]),
