@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::demo::{
     DaemonProcess, Router, Scratch, check_config, free_port, parse_router, scrape, spawn_daemon,
-    toml_str, wait_for_port, watch_signals,
+    toml_str, watch_signals,
 };
 
 /// The site of the bench's topics.
@@ -911,13 +911,6 @@ async fn measure(
     interrupt: &CancellationToken,
 ) -> anyhow::Result<E2eReport> {
     let names: Vec<String> = stubs.iter().map(|s| s.stub.name.clone()).collect();
-    wait_for_port(
-        daemon.metrics_port,
-        "qosrouted's metrics",
-        Duration::from_secs(20),
-    )
-    .await
-    .with_context(|| daemon.log_tail(20))?;
     daemon
         .wait_ready(&names, Duration::from_secs(20), interrupt)
         .await?;

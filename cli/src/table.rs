@@ -209,17 +209,8 @@ pub fn print_demo(header: &str, rows: &[DemoRow], shares: &ShareTable) {
         "fallbacks",
         "budget out"
     );
-    let best = rows
-        .iter()
-        .map(|r| r.avg_qos)
-        .filter(|v| v.is_finite())
-        .fold(f64::NEG_INFINITY, f64::max);
-    for r in rows {
-        let marker = if rows.len() > 1 && r.avg_qos == best {
-            " *"
-        } else {
-            ""
-        };
+    let markers = best_markers(&rows.iter().map(|r| r.avg_qos).collect::<Vec<_>>());
+    for (r, marker) in rows.iter().zip(markers) {
         println!(
             "{:<w$}  {:>8}  {:>9}  {:>6}  {:>5}  {:>6}  {:>4}  {:>7}  {:>8}  {:>7}  {:>15}  {:>14}  {:>6.1}  {:>9}  {:>10}{marker}",
             r.policy,
@@ -296,17 +287,8 @@ pub fn print_demo_seeds(rows: &[RouterSummary]) {
         "fallbacks",
         "budget out/dec."
     );
-    let best = rows
-        .iter()
-        .map(|r| r.avg_qos_mean)
-        .filter(|v| v.is_finite())
-        .fold(f64::NEG_INFINITY, f64::max);
-    for r in rows {
-        let marker = if rows.len() > 1 && r.avg_qos_mean == best {
-            " *"
-        } else {
-            ""
-        };
+    let markers = best_markers(&rows.iter().map(|r| r.avg_qos_mean).collect::<Vec<_>>());
+    for (r, marker) in rows.iter().zip(markers) {
         let paired = r.gain_over_qos_greedy.map_or(String::new(), |g| {
             format!("{:+.4} ± {:.4} ({}/{})", g.mean, g.std, g.wins, g.pairs)
         });
@@ -332,4 +314,16 @@ pub fn print_demo_seeds(rows: &[RouterSummary]) {
         );
     }
     println!();
+}
+
+/// `" *"` beside the best of several rows' average QoS (every row that ties it), `""` elsewhere.
+fn best_markers(qos: &[f64]) -> Vec<&'static str> {
+    let best = qos
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
+    qos.iter()
+        .map(|&q| if qos.len() > 1 && q == best { " *" } else { "" })
+        .collect()
 }

@@ -39,9 +39,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::demo::{
-    ChildGuard, DaemonProcess, check_config, free_port, spawn_daemon, toml_str, wait_for_port,
-};
+use crate::demo::{ChildGuard, DaemonProcess, check_config, free_port, spawn_daemon, toml_str};
 use crate::plot::{BarSeries, SweepCurve, grouped_bars, sweep_curves};
 use crate::profile::{Target, Tokenization, calibrate, synth_prompt};
 
@@ -333,7 +331,6 @@ async fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
         log,
         metrics_port,
     };
-    wait_for_port(metrics_port, "qosrouted's metrics", Duration::from_secs(20)).await?;
     let names: Vec<String> = catalogue.experts.iter().map(|e| e.name.clone()).collect();
     daemon
         .wait_ready(&names, Duration::from_secs(30), &interrupt)

@@ -3,7 +3,7 @@
 //! Every baseline only considers eligible experts (up, prompt fits) and breaks ties by the
 //! lowest expert index, so runs are deterministic for a seed.
 
-use crate::impact::{Candidate, ImpactScratch, impact_of_with};
+use crate::impact::{ActionImpact, Candidate, ImpactScratch, impact_of_with};
 use crate::knowledge::Observed;
 use crate::planner::{InvalidPlannerSpec, PLANNER_NAME, QosPlanner};
 use crate::policy::{Decision, Policy};
@@ -58,9 +58,7 @@ pub fn baseline(name: &str, seed: u64) -> Result<Box<dyn Policy + Send>, Unknown
     })
 }
 
-/// The impact estimator's candidate of routing `arriving` to expert `e`, from its predictions
-/// there (every router that scores an action builds it here).
-pub fn candidate(arriving: &ArrivingRequest, e: usize) -> Candidate {
+fn candidate(arriving: &ArrivingRequest, e: usize) -> Candidate {
     let p = arriving
         .predictions
         .get(e)
@@ -286,12 +284,23 @@ impl QosGreedy {
     /// The one-step score of routing `arriving` to expert `e`: predicted own QoS minus
     /// predicted QoS destroyed.
     pub fn score(&mut self, state: &ClusterState, arriving: &ArrivingRequest, e: usize) -> f64 {
-        let impact = impact_of_with(
+        let impact = self.impact(state, arriving, e);
+        impact.own_predicted_qos - impact.predicted_qos_destroyed
+    }
+
+    /// The impact estimator's prediction of routing `arriving` to expert `e` (its buffers
+    /// reused between calls).
+    pub fn impact(
+        &mut self,
+        state: &ClusterState,
+        arriving: &ArrivingRequest,
+        e: usize,
+    ) -> ActionImpact {
+        impact_of_with(
             &state.experts[e],
             &candidate(arriving, e),
             &mut self.scratch,
-        );
-        impact.own_predicted_qos - impact.predicted_qos_destroyed
+        )
     }
 
     /// The decision and the best score (`None` when no expert is eligible).

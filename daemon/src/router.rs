@@ -130,7 +130,8 @@ pub struct Router {
     /// Decides beside the serving policy, without affecting it (`[policy] shadow`).
     shadow: Option<Box<dyn Policy + Send>>,
     shadow_stats: ShadowStats,
-    /// Scores decisions for the shadow comparison.
+    /// The impact estimator (with reused buffers): scores the shadow comparison and predicts
+    /// the chosen expert's latency.
     scorer: QosGreedy,
     max_decision: Duration,
     slow_in_a_row: u32,
@@ -450,10 +451,7 @@ impl Router {
         }
         let predicted = match decision {
             Decision::Route(e) => {
-                let impact = qosroute_core::impact_of(
-                    &state.experts[e],
-                    &qosroute_core::baselines::candidate(&arriving, e),
-                );
+                let impact = self.scorer.impact(&state, &arriving, e);
                 Some(PredictedLatency {
                     ttft_s: impact.own.wait_s + impact.own.prefill_s + impact.own.queued_prefill_s,
                     per_token_s: impact.own.per_token_s,

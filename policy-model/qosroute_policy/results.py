@@ -204,7 +204,7 @@ def heldout_runs(directory, key):
 
 
 def spread(values):
-    """Mean ± standard error, and the count."""
+    """Mean and standard error."""
     v = np.asarray(values, dtype=float)
     se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
     return v.mean(), se

@@ -125,11 +125,11 @@ def to_tensors(obs):
     return [torch.from_numpy(np.ascontiguousarray(obs[name])) for name in INPUT_NAMES]
 
 
-def pad_to(a, shape, fill=0):
-    """Pads array `a` with `fill` up to `shape` (same rank)."""
+def pad_to(a, shape):
+    """Zero-pads array `a` up to `shape` (same rank)."""
     if a.shape == tuple(shape):
         return a
-    out = np.full(shape, fill, dtype=a.dtype)
+    out = np.zeros(shape, dtype=a.dtype)
     out[tuple(slice(0, s) for s in a.shape)] = a
     return out
 
@@ -313,6 +313,17 @@ def main(argv=None):
         progress(f"eval ({phase}, {steps_done} steps): ratio to qos-greedy {score:.4f}  " +
                  "  ".join(f"{r['scenario']}: {r['model']:.3f}/{r['qos_greedy']:.3f}" for r in rows))
 
+    def record(phase, policy_loss, value_loss, entropy, imitation, agreement):
+        """One point of the training curves; returns the recent episodes' average QoS."""
+        ep_qos = float(np.mean(recent_qos[-k:])) if recent_qos else float("nan")
+        for key, value in [("phase", phase), ("steps", steps_done), ("episode_qos", ep_qos),
+                           ("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy),
+                           ("imitation", imitation), ("teacher_agreement", agreement)]:
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            history[key].append(float(value) if key not in ("phase", "steps") else value)
+        return ep_qos
+
     def rollout(choose):
         """One episode in every env: T steps of `choose(obs, logits) -> actions`. Returns the
         observations, actions, log-probabilities, values and credited rewards [T, K]."""
@@ -369,7 +380,7 @@ def main(argv=None):
             data = tensors_of(observations)
             data["return"] = torch.from_numpy(discounted_returns(rewards, args.gamma, values[-1]).reshape(-1))
             aggregate.append(data)
-            agree = correct = total = 0
+            correct = total = 0
             for _ in range(args.dagger_epochs):
                 for part in aggregate:
                     n = part["teacher_action"].shape[0]
@@ -386,15 +397,7 @@ def main(argv=None):
                         correct += int((logits.argmax(dim=-1) == part["teacher_action"][idx]).sum())
                         total += len(idx)
             agree = correct / max(total, 1)
-            ep_qos = float(np.mean(recent_qos[-k:])) if recent_qos else float("nan")
-            history["phase"].append("dagger")
-            history["steps"].append(steps_done)
-            history["episode_qos"].append(ep_qos)
-            history["policy_loss"].append(float("nan"))
-            history["value_loss"].append(float(value_loss.item()))
-            history["entropy"].append(float("nan"))
-            history["imitation"].append(float(imitation.item()))
-            history["teacher_agreement"].append(agree)
+            ep_qos = record("dagger", float("nan"), value_loss, float("nan"), imitation, agree)
             progress(f"dagger {it + 1}/{args.dagger_iterations} beta {beta:.3f}: {len(aggregate) * k * t_len} states, "
                      f"agreement with {args.teacher} {agree:.3f}, episode QoS {ep_qos:.4f}, "
                      f"{steps_done / (time.time() - started):.0f} steps/s")
@@ -450,15 +453,7 @@ def main(argv=None):
                 optimizer.step()
                 agree += int((logits.argmax(dim=-1) == data["teacher_action"][idx]).sum())
                 total += len(idx)
-        ep_qos = float(np.mean(recent_qos[-k:])) if recent_qos else float("nan")
-        history["phase"].append("ppo")
-        history["steps"].append(steps_done)
-        history["episode_qos"].append(ep_qos)
-        history["policy_loss"].append(float(policy_loss.item()))
-        history["value_loss"].append(float(value_loss.item()))
-        history["entropy"].append(float(entropy.item()))
-        history["imitation"].append(float(imitation.item()))
-        history["teacher_agreement"].append(agree / max(total, 1))
+        ep_qos = record("ppo", policy_loss, value_loss, entropy, imitation, agree / max(total, 1))
         progress(f"ppo {update}/{rollouts} steps {steps_done} episode QoS {ep_qos:.4f} entropy {entropy.item():.3f} "
                  f"imitation {imitation.item():.3f} (x{bc_coef:.3f}) agreement {agree / max(total, 1):.3f} "
                  f"{steps_done / (time.time() - started):.0f} steps/s")

@@ -48,8 +48,7 @@ use self::max_tokens::MaxTokens;
 use self::process::start_broker;
 pub(crate) use self::process::{
     ChildGuard, DaemonMetrics, DaemonProcess, Scratch, broker_and_policy, check_config,
-    find_daemon, free_port, scrape, spawn_daemon, start_mosquitto, toml_str, wait_for_port,
-    watch_signals,
+    find_daemon, free_port, scrape, spawn_daemon, start_mosquitto, toml_str, watch_signals,
 };
 pub(crate) use self::seeds::RouterSummary;
 use self::seeds::RunPoint;
@@ -1066,13 +1065,6 @@ async fn drive(
     } = run;
     let site = setup.site_experts();
     let names: Vec<String> = site.iter().map(|(n, _)| n.clone()).collect();
-    wait_for_port(
-        daemon.metrics_port,
-        "qosrouted's metrics",
-        Duration::from_secs(20),
-    )
-    .await
-    .with_context(|| daemon.log_tail(20))?;
     daemon
         .wait_ready(&names, Duration::from_secs(20), interrupt)
         .await?;

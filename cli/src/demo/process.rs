@@ -417,13 +417,20 @@ impl DaemonProcess {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Waits until the metrics endpoint says every expert is up.
+    /// Waits for the metrics endpoint (20 s at most), then until it says every expert is up.
     pub(crate) async fn wait_ready(
         &mut self,
         experts: &[String],
         within: Duration,
         interrupt: &CancellationToken,
     ) -> anyhow::Result<()> {
+        wait_for_port(
+            self.metrics_port,
+            "qosrouted's metrics",
+            Duration::from_secs(20),
+        )
+        .await
+        .with_context(|| self.log_tail(20))?;
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.exited() {
