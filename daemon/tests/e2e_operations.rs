@@ -207,16 +207,26 @@ struct Replies {
     finals: BTreeMap<String, Vec<String>>,
     /// The code of every `Error`.
     errors: BTreeMap<String, Vec<ErrorCode>>,
+    /// The seq of every chunk the broker delivered again (DUP flag: the device had not
+    /// acknowledged it when the connection dropped), also counted in `chunks`.
+    redelivered: BTreeMap<String, Vec<u32>>,
 }
 
 impl Replies {
     fn absorb(&mut self, p: &Publish) {
         match proto::decode_reply(&p.payload, Encoding::Json).unwrap() {
-            Reply::Chunk(c) => self
-                .chunks
-                .entry(c.id.as_str().to_owned())
-                .or_default()
-                .push((c.seq, c.expert.as_str().to_owned())),
+            Reply::Chunk(c) => {
+                if p.dup {
+                    self.redelivered
+                        .entry(c.id.as_str().to_owned())
+                        .or_default()
+                        .push(c.seq);
+                }
+                self.chunks
+                    .entry(c.id.as_str().to_owned())
+                    .or_default()
+                    .push((c.seq, c.expert.as_str().to_owned()));
+            }
             Reply::Final(f) => self
                 .finals
                 .entry(f.id.as_str().to_owned())
@@ -247,6 +257,17 @@ impl Replies {
 
     fn chunks(&self, id: &str) -> &[(u32, String)] {
         self.chunks.get(id).map_or(&[], Vec::as_slice)
+    }
+
+    /// How many times a process of the daemon started the stream of `id` (chunks with seq 0,
+    /// not counting the broker's redeliveries of one it already sent).
+    fn stream_starts(&self, id: &str) -> usize {
+        let sent = self.chunks(id).iter().filter(|(seq, _)| *seq == 0).count();
+        let again = self
+            .redelivered
+            .get(id)
+            .map_or(0, |seqs| seqs.iter().filter(|seq| **seq == 0).count());
+        sent - again
     }
 
     /// Final and error replies of `id`.
@@ -693,21 +714,19 @@ async fn kill_mid_request_and_restart(broker_down_at_restart: bool) {
     until_completed(&second, 7.0).await;
     quiet(&mut device, &mut replies, Duration::from_millis(300)).await;
     replies.assert_one_final_each(&everything);
+    // Counted without the broker's own redeliveries (DUP): a chunk the device had not yet
+    // acknowledged when the broker stopped comes again after it restarts (observed once in
+    // CI: k2 got seq 0 three times, one of them the broker's). That is MQTT's at-least-once,
+    // not the daemon serving a request a third time.
     for id in &in_flight {
-        let starts = replies
-            .chunks(id)
-            .iter()
-            .filter(|(seq, _)| *seq == 0)
-            .count();
-        assert_eq!(starts, 2, "{id}: the stream starts again once: {replies:?}");
+        assert_eq!(
+            replies.stream_starts(id),
+            2,
+            "{id}: the stream starts again once: {replies:?}"
+        );
     }
     for id in &while_down {
-        let starts = replies
-            .chunks(id)
-            .iter()
-            .filter(|(seq, _)| *seq == 0)
-            .count();
-        assert_eq!(starts, 1, "{id}: {replies:?}");
+        assert_eq!(replies.stream_starts(id), 1, "{id}: {replies:?}");
     }
     // The second process served each request once, from its resumed session.
     assert_eq!(accounted(&second), 7.0, "{:?}", outcomes(&second));
