@@ -19,7 +19,7 @@ use qosroute_expert_client::{ExpertClient, ExpertEndpoint, Timeouts};
 use qosroute_proto::{self as proto, Encoding, ErrorCode};
 use qosroute_telemetry::{HostSample, HostTelemetry, TelemetryOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::link::{self, Incoming, Lane, Link};
 use crate::metrics::{Metrics, Outcome};
 use crate::router::Router;
+use crate::router_thread::RouterThread;
 use crate::serve::{self, ReplyRoute};
 use crate::topics::{self, TopicKind};
 
@@ -41,8 +42,8 @@ const REMEMBERED_REQUESTS: usize = 65_536;
 #[derive(Debug)]
 pub struct Shared {
     config: RwLock<Arc<Config>>,
-    /// The decision maker and its books.
-    pub router: Mutex<Router>,
+    /// The decision maker and its books, on their own thread.
+    pub router: RouterThread,
     clients: RwLock<HashMap<String, ExpertClient>>,
     /// The MQTT link.
     pub link: Link,
@@ -179,7 +180,7 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let link = parts.link;
     let shared = Arc::new(Shared {
         config: RwLock::new(config.clone()),
-        router: Mutex::new(router),
+        router: RouterThread::start(router).context("the router thread")?,
         clients: RwLock::new(build_clients(&config)?),
         link: link.clone(),
         metrics: metrics.clone(),
@@ -257,7 +258,11 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let deadline = Duration::from_secs_f64(shared.config().shutdown.drain_deadline_s);
     tracing::info!(
-        in_flight = shared.router.lock().await.ledger.in_flight(),
+        in_flight = shared
+            .router
+            .ask(|r| r.ledger.in_flight())
+            .await
+            .unwrap_or(0),
         deadline_s = deadline.as_secs_f64(),
         "draining"
     );
@@ -309,6 +314,7 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
             tracing::error!(error = %e, "task failed");
         }
     }
+    shared.router.stop().await;
     tracing::info!(completed = metrics.outcomes(Outcome::Completed), "stopped");
     Ok(())
 }
@@ -342,14 +348,21 @@ async fn reload(shared: &Shared, path: &std::path::Path) {
             .ok()
             .flatten()
     };
-    {
-        let mut router = shared.router.lock().await;
-        match router.reconfigure(&config, model, config.policy != old.policy) {
-            Ok(()) => {}
-            Err(error) => {
-                tracing::error!(%error, "reload refused");
-                return;
-            }
+    let replace_model = config.policy != old.policy;
+    let c = config.clone();
+    let reconfigured = shared
+        .router
+        .ask(move |router| router.reconfigure(&c, model, replace_model))
+        .await;
+    match reconfigured {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::error!(%error, "reload refused");
+            return;
+        }
+        Err(error) => {
+            tracing::error!(%error, "reload refused");
+            return;
         }
     }
     if let Ok(mut c) = shared.clients.write() {
@@ -619,9 +632,18 @@ async fn apply_feedback(shared: &Shared, device: &str, message: &Incoming, encod
         tracing::info!(device = %device, id = %feedback.id.as_str(), "feedback for an unknown or old request ignored");
         return;
     };
-    let mut router = shared.router.lock().await;
-    if let Some(e) = router.ledger.index_of(&expert) {
-        router.learn_quality(e, task, f64::from(feedback.score));
+    let score = f64::from(feedback.score);
+    let learned = shared
+        .router
+        .ask(move |router| {
+            router
+                .ledger
+                .index_of(&expert)
+                .map(|e| router.learn_quality(e, task, score))
+                .is_some()
+        })
+        .await;
+    if learned == Ok(true) {
         shared.metrics.feedback.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -664,30 +686,34 @@ async fn check_round(shared: &Arc<Shared>) {
     }
     while let Some(r) = checks.join_next().await {
         let Ok((name, ok, load)) = r else { continue };
-        let mut router = shared.router.lock().await;
         let now = Instant::now();
-        let Some(e) = router.ledger.index_of(&name) else {
-            continue;
-        };
-        if ok {
-            router.ledger.mark_ok(e, now);
-        } else {
-            router.ledger.mark_failed(e, now, Duration::from_secs(5));
-        }
-        // A scrape without running or waiting counts is no report: the expert stays
-        // saturated in the policy's eyes until it reports.
-        if let Some(l) = load
-            && let (Some(running), Some(waiting)) = (l.running, l.waiting)
-        {
-            router.ledger.reported_load(
-                e,
-                crate::ledger::ReportedLoad {
-                    running,
-                    waiting,
-                    at: now,
-                },
-            );
-        }
+        shared
+            .router
+            .tell(move |router| {
+                let Some(e) = router.ledger.index_of(&name) else {
+                    return;
+                };
+                if ok {
+                    router.ledger.mark_ok(e, now);
+                } else {
+                    router.ledger.mark_failed(e, now, Duration::from_secs(5));
+                }
+                // A scrape without running or waiting counts is no report: the expert stays
+                // saturated in the policy's eyes until it reports.
+                if let Some(l) = load
+                    && let (Some(running), Some(waiting)) = (l.running, l.waiting)
+                {
+                    router.ledger.reported_load(
+                        e,
+                        crate::ledger::ReportedLoad {
+                            running,
+                            waiting,
+                            at: now,
+                        },
+                    );
+                }
+            })
+            .await;
     }
 }
 
@@ -738,7 +764,10 @@ async fn sample_host(shared: Arc<Shared>, stop: CancellationToken) {
                         .map(|g| (g.name.clone(), g.utilisation))
                         .collect(),
                 };
-                shared.router.lock().await.ledger.host_reading(reading);
+                shared
+                    .router
+                    .tell(move |router| router.ledger.host_reading(reading))
+                    .await;
                 if let Ok(mut h) = shared.host.lock() {
                     *h = Some(sample);
                 }
@@ -778,19 +807,16 @@ async fn serve_metrics(
             };
             let line = String::from_utf8_lossy(&head[..n]);
             let response = if line.starts_with("GET /metrics") {
-                let plans_compiled;
-                let shadow;
-                let experts: Vec<crate::metrics::ExpertGauges> = {
-                    let router = s.router.lock().await;
-                    plans_compiled = router.plans_compiled();
-                    shadow = router.has_shadow().then(|| {
+                let stale = Duration::from_secs_f64(s.config().telemetry.stale_after_s);
+                let read = s.router.ask(move |router| {
+                    let plans_compiled = router.plans_compiled();
+                    let shadow = router.has_shadow().then(|| {
                         let names: Vec<String> =
                             router.ledger.experts.iter().map(|b| b.profile.name.clone()).collect();
                         crate::metrics::render_shadow(router.shadow_stats(), &names)
                     });
                     let now = Instant::now();
-                    let stale = Duration::from_secs_f64(s.config().telemetry.stale_after_s);
-                    router
+                    let experts: Vec<crate::metrics::ExpertGauges> = router
                         .ledger
                         .experts
                         .iter()
@@ -802,7 +828,14 @@ async fn serve_metrics(
                             foreign: router.ledger.foreign_requests(e, now, stale),
                             latency: b.profile.latency,
                         })
-                        .collect()
+                        .collect();
+                    (plans_compiled, shadow, experts)
+                });
+                let Ok((plans_compiled, shadow, experts)) = read.await else {
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                    return;
                 };
                 let host = s.host.lock().ok().and_then(|h| h.clone());
                 let mut body = s.metrics.render(&experts, host.as_ref());

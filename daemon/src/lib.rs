@@ -12,5 +12,6 @@ pub mod logging;
 pub mod metrics;
 pub mod prediction_error;
 pub mod router;
+pub mod router_thread;
 pub mod serve;
 pub mod topics;

@@ -112,16 +112,9 @@ fn planner_of(config: &Config) -> Result<Option<QosPlanner>, RouterError> {
     Ok(Some(QosPlanner::new(planner_config, 0)))
 }
 
-/// Runs `f`, which may take milliseconds, off the async worker when the runtime has others to
-/// hand its tasks to (a multi-threaded one); inline otherwise.
-fn off_the_worker<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-/// The decision maker and its online knowledge.
+/// The decision maker and its online knowledge. It lives on the router thread
+/// ([`crate::router_thread::RouterThread`]): nothing it runs (inference, plan compilation, a
+/// planner's rollouts) ever runs on an async worker.
 pub struct Router {
     model: Option<OnnxPolicy>,
     /// The Monte-Carlo planner, when it routes instead of a learned model.
@@ -386,7 +379,7 @@ impl Router {
         let mut budget_exhausted = false;
         let (decision, fell_back) = match (self.planner.as_mut(), self.model.as_mut()) {
             (Some(planner), _) => {
-                let eval = off_the_worker(|| planner.evaluate(&state, &arriving, &observed));
+                let eval = planner.evaluate(&state, &arriving, &observed);
                 budget_exhausted = eval.budget_exhausted;
                 (eval.chosen.unwrap_or(Decision::Reject), eval.fell_back)
             }
@@ -421,9 +414,7 @@ impl Router {
         let decision = eligible(decision);
         // The shadow decides on the same view, after the serving decision and off its clock.
         let shadow = self.shadow.as_mut().map(|shadow| {
-            let theirs = eligible(off_the_worker(|| {
-                shadow.decide(&state, &arriving, &observed)
-            }));
+            let theirs = eligible(shadow.decide(&state, &arriving, &observed));
             let mut score = |d: Decision| match d {
                 Decision::Route(e) => self.scorer.score(&state, &arriving, e),
                 Decision::Reject => 0.0,

@@ -15,6 +15,7 @@ use crate::ledger::{Dispatched, TokenCount};
 use crate::link::{Delivery, Lane, Outgoing};
 use crate::metrics::Outcome;
 use crate::prediction_error::PredictedLatency;
+use crate::router::{Router, Routing};
 
 /// Where and how replies to one request go.
 #[derive(Debug, Clone)]
@@ -191,100 +192,75 @@ async fn serve(
             return Outcome::ShuttingDown;
         }
         let now = Instant::now();
-        let (routing, expert, client, count) = {
-            let mut router = shared.router.lock().await;
-            let exclude: Vec<usize> = failed
-                .iter()
-                .filter_map(|name| router.ledger.index_of(name))
-                .collect();
-            let routing = router.decide(&core_request, request.max_tokens, &exclude, now);
+        let decided = {
+            let failed = failed.clone();
+            let max_tokens = request.max_tokens;
+            let request_id: Box<str> = request.id.clone();
+            shared
+                .router
+                .ask(move |router| {
+                    decide_and_dispatch(
+                        router,
+                        &core_request,
+                        max_tokens,
+                        &failed,
+                        now,
+                        arrived_at,
+                        &request_id,
+                    )
+                })
+                .await
+        };
+        let Ok((routing, dispatched)) = decided else {
+            send_error(
+                shared,
+                route,
+                id,
+                ErrorCode::ShuttingDown,
+                "the gateway is shutting down",
+            )
+            .await;
+            return Outcome::ShuttingDown;
+        };
+        shared
+            .metrics
+            .decision_seconds
+            .observe(routing.took.as_secs_f64());
+        if routing.budget_exhausted {
             shared
                 .metrics
-                .decision_seconds
-                .observe(routing.took.as_secs_f64());
-            if routing.budget_exhausted {
-                shared
-                    .metrics
-                    .planner_budget_exhausted
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            if routing.fell_back {
-                shared
-                    .metrics
-                    .fallbacks
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            if let Some(shadow) = routing.shadow
-                && shadow.decision != routing.decision
-            {
-                // A sample of the disagreements: the first ten, then one in a hundred.
-                let n = router.shadow_stats().disagreements;
-                if n <= 10 || n % 100 == 0 {
-                    let name = |d: Decision| match d {
-                        Decision::Route(e) => router
-                            .ledger
-                            .experts
-                            .get(e)
-                            .map_or("?", |b| b.profile.name.as_str()),
-                        Decision::Reject => "reject",
-                    };
-                    tracing::info!(
-                        request = id,
-                        task = task.as_str(),
-                        serving = name(routing.decision),
-                        shadow = name(shadow.decision),
-                        predicted_qos_gain = shadow.predicted_qos_gain,
-                        disagreements = n,
-                        "shadow policy disagrees"
-                    );
-                }
-            }
-            let Decision::Route(e) = routing.decision else {
-                drop(router);
-                let (code, message) = if attempt == 0 {
-                    (
-                        ErrorCode::NoExpert,
-                        "no expert can serve this request within its latency target now",
-                    )
-                } else {
-                    (
-                        ErrorCode::ExpertFailed,
-                        "every expert tried failed before answering",
-                    )
-                };
-                send_error(shared, route, id, code, message).await;
-                return if attempt == 0 {
-                    Outcome::Rejected
-                } else {
-                    Outcome::ExpertFailed
-                };
+                .planner_budget_exhausted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if routing.fell_back {
+            shared
+                .metrics
+                .fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let Some((expert, count)) = dispatched else {
+            let (code, message) = if attempt == 0 {
+                (
+                    ErrorCode::NoExpert,
+                    "no expert can serve this request within its latency target now",
+                )
+            } else {
+                (
+                    ErrorCode::ExpertFailed,
+                    "every expert tried failed before answering",
+                )
             };
-            let name = router.ledger.experts[e].profile.name.clone();
-            let prediction = routing.predictions.get(e).copied();
-            let count = router.dispatch(
-                e,
-                Dispatched {
-                    key: core_request.id,
-                    task,
-                    prompt_tokens,
-                    predicted_output_tokens: prediction.map_or(1.0, |p| p.output_tokens),
-                    predicted_quality: prediction.map_or(0.0, |p| p.quality),
-                    slo_s_per_token: slo,
-                    max_output_tokens: Some(request.max_tokens),
-                    arrived_at,
-                    dispatched_at: now,
-                },
-            );
-            let client = shared.client(&name);
-            (routing, name, client, count)
+            send_error(shared, route, id, code, message).await;
+            return if attempt == 0 {
+                Outcome::Rejected
+            } else {
+                Outcome::ExpertFailed
+            };
         };
+        let client = shared.client(&expert);
         let predicted = routing.predicted;
         let Some(client) = client else {
-            shared.router.lock().await.ledger.finish_by_name(
-                &expert,
-                core_request.id,
-                Instant::now(),
-            );
+            finish(shared, &expert, core_request.id, None).await;
             failed.push(expert);
             continue;
         };
@@ -311,26 +287,12 @@ async fn serve(
                     .metrics
                     .retries
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let mut router = shared.router.lock().await;
-                router
-                    .ledger
-                    .finish_by_name(&expert, core_request.id, Instant::now());
-                router
-                    .ledger
-                    .mark_failed_by_name(&expert, Instant::now(), CIRCUIT_OPEN);
+                finish(shared, &expert, core_request.id, Some(CIRCUIT_OPEN)).await;
                 failed.push(expert);
             }
             Err(Failure::AfterTokens(error)) => {
                 tracing::warn!(expert = %expert, %error, "expert failed mid-answer");
-                {
-                    let mut router = shared.router.lock().await;
-                    router
-                        .ledger
-                        .finish_by_name(&expert, core_request.id, Instant::now());
-                    router
-                        .ledger
-                        .mark_failed_by_name(&expert, Instant::now(), CIRCUIT_OPEN);
-                }
+                finish(shared, &expert, core_request.id, Some(CIRCUIT_OPEN)).await;
                 send_error(
                     shared,
                     route,
@@ -342,11 +304,7 @@ async fn serve(
                 return Outcome::ExpertFailed;
             }
             Err(Failure::Cut) => {
-                shared.router.lock().await.ledger.finish_by_name(
-                    &expert,
-                    core_request.id,
-                    Instant::now(),
-                );
+                finish(shared, &expert, core_request.id, None).await;
                 send_error(
                     shared,
                     route,
@@ -368,6 +326,88 @@ async fn serve(
     )
     .await;
     Outcome::ExpertFailed
+}
+
+/// On the router thread: decides where the request goes (experts named in `failed` already
+/// failed it) and books it there. Returns the routing and, for a route, the expert's name and
+/// the request's token count (which the streaming task adds to without the router).
+fn decide_and_dispatch(
+    router: &mut Router,
+    request: &CoreRequest,
+    max_tokens: u32,
+    failed: &[String],
+    now: Instant,
+    arrived_at: Instant,
+    request_id: &str,
+) -> (Routing, Option<(String, TokenCount)>) {
+    let exclude: Vec<usize> = failed
+        .iter()
+        .filter_map(|name| router.ledger.index_of(name))
+        .collect();
+    let routing = router.decide(request, max_tokens, &exclude, now);
+    if let Some(shadow) = routing.shadow
+        && shadow.decision != routing.decision
+    {
+        // A sample of the disagreements: the first ten, then one in a hundred.
+        let n = router.shadow_stats().disagreements;
+        if n <= 10 || n.is_multiple_of(100) {
+            let name = |d: Decision| match d {
+                Decision::Route(e) => router
+                    .ledger
+                    .experts
+                    .get(e)
+                    .map_or("?", |b| b.profile.name.as_str()),
+                Decision::Reject => "reject",
+            };
+            tracing::info!(
+                request = request_id,
+                task = request.task.as_str(),
+                serving = name(routing.decision),
+                shadow = name(shadow.decision),
+                predicted_qos_gain = shadow.predicted_qos_gain,
+                disagreements = n,
+                "shadow policy disagrees"
+            );
+        }
+    }
+    let Decision::Route(e) = routing.decision else {
+        return (routing, None);
+    };
+    let Some(name) = router.ledger.experts.get(e).map(|b| b.profile.name.clone()) else {
+        return (routing, None);
+    };
+    let prediction = routing.predictions.get(e).copied();
+    let count = router.dispatch(
+        e,
+        Dispatched {
+            key: request.id,
+            task: request.task,
+            prompt_tokens: request.prompt_tokens,
+            predicted_output_tokens: prediction.map_or(1.0, |p| p.output_tokens),
+            predicted_quality: prediction.map_or(0.0, |p| p.quality),
+            slo_s_per_token: request.slo_s_per_token,
+            max_output_tokens: Some(max_tokens),
+            arrived_at,
+            dispatched_at: now,
+        },
+    );
+    (routing, Some((name, count)))
+}
+
+/// Books request `key` as done on `expert` (bookkeeping on the router thread, not awaited);
+/// with `open_circuit`, the expert failed it and is not chosen for that long.
+async fn finish(shared: &Shared, expert: &str, key: u64, open_circuit: Option<Duration>) {
+    let expert = expert.to_owned();
+    let at = Instant::now();
+    shared
+        .router
+        .tell(move |router| {
+            router.ledger.finish_by_name(&expert, key, at);
+            if let Some(open) = open_circuit {
+                router.ledger.mark_failed_by_name(&expert, at, open);
+            }
+        })
+        .await;
 }
 
 enum Failure {
@@ -429,18 +469,25 @@ async fn stream_answer(
                     // bookkeeping never waits behind a decision.
                     count.add(1);
                 } else {
-                    let mut router = shared.router.lock().await;
-                    router.ledger.tokens_by_name(expert, key, 1, at);
                     first_token_at = Some(at);
-                    // The prefill time: from when the request got a slot (its dispatch, or
-                    // when the request ahead of it finished) to its first token. A request
-                    // that still waits in the daemon's view measures nothing.
-                    if let Some(e) = router.ledger.index_of(expert)
-                        && let Some(since) = router.ledger.slot_since(e, key)
-                    {
-                        let ttft = at.saturating_duration_since(since).as_secs_f64();
-                        router.observe_prefill(e, estimate_prompt_tokens(&request.prompt), ttft);
-                    }
+                    let expert = expert.to_owned();
+                    let prompt_tokens = estimate_prompt_tokens(&request.prompt);
+                    shared
+                        .router
+                        .tell(move |router| {
+                            router.ledger.tokens_by_name(&expert, key, 1, at);
+                            // The prefill time: from when the request got a slot (its
+                            // dispatch, or when the request ahead of it finished) to its first
+                            // token. A request that still waits in the daemon's view measures
+                            // nothing.
+                            if let Some(e) = router.ledger.index_of(&expert)
+                                && let Some(since) = router.ledger.slot_since(e, key)
+                            {
+                                let ttft = at.saturating_duration_since(since).as_secs_f64();
+                                router.observe_prefill(e, prompt_tokens, ttft);
+                            }
+                        })
+                        .await;
                 }
                 pending.push_str(&text);
                 pending_tokens += 1;
@@ -476,22 +523,24 @@ async fn stream_answer(
                     .as_ref()
                     .and_then(|x| x.get("quality"))
                     .and_then(serde_json::Value::as_f64);
-                {
-                    let mut router = shared.router.lock().await;
-                    if let Some(e) = router.ledger.index_of(expert) {
-                        // The request's mean time between tokens is one decode-step
-                        // observation, with the batch the ledger sees now.
-                        if let Some(first) = first_token_at
-                            && tokens >= 3
-                        {
-                            let step = now.saturating_duration_since(first).as_secs_f64()
-                                / f64::from(tokens - 1);
-                            router.observe_decode_step(e, step);
+                // The request's mean time between tokens is one decode-step observation,
+                // with the batch the ledger sees when the router thread takes it.
+                let step = first_token_at.filter(|_| tokens >= 3).map(|first| {
+                    now.saturating_duration_since(first).as_secs_f64() / f64::from(tokens - 1)
+                });
+                let finished = expert.to_owned();
+                shared
+                    .router
+                    .tell(move |router| {
+                        if let Some(e) = router.ledger.index_of(&finished) {
+                            if let Some(step) = step {
+                                router.observe_decode_step(e, step);
+                            }
+                            router.learn_completion(e, task, output_tokens);
                         }
-                        router.learn_completion(e, task, output_tokens);
-                    }
-                    router.ledger.finish_by_name(expert, key, Instant::now());
-                }
+                        router.ledger.finish_by_name(&finished, key, now);
+                    })
+                    .await;
                 if !slo_met {
                     shared
                         .metrics
