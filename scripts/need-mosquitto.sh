@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the mosquitto broker and its command-line clients (Debian's packages) when missing:
+# Installs the mosquitto broker, its command-line clients and libmosquitto's headers (Debian's
+# packages) when missing:
 # the daemon's tests, the hardware-in-loop suite (which also publishes with mosquitto_pub and
 # reads with mosquitto_sub) and `qosroute demo` run a real broker. Run from anywhere.
 set -euo pipefail
@@ -7,6 +8,10 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 \
   || need+=(mosquitto-clients)
+# The C device example (clients/c) builds on libmosquitto.
+[ -f /usr/include/mosquitto.h ] || need+=(libmosquitto-dev)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v cc >/dev/null 2>&1 || need+=(gcc)
 if [ "${#need[@]}" = 0 ]; then
   exit 0
 fi

@@ -9,6 +9,8 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" >&2
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check -r policy-model/requirements.txt >&2
+# The device client's tests (clients/python) run on paho-mqtt, the MQTT library of IoT Python.
+"$venv/bin/pip" install -q --disable-pip-version-check paho-mqtt==2.2.0 >&2
 VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" \
   "$venv/bin/maturin" develop --release -q -m policy-model/simenv/Cargo.toml >&2
 echo "$venv/bin/python"

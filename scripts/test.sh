@@ -9,3 +9,7 @@ bash scripts/need-mosquitto.sh
 cargo nextest run --workspace --locked --no-fail-fast
 # One torch thread: torch's OpenMP collapses when another process shares the CPU.
 OMP_NUM_THREADS=1 "$python" -m pytest -q policy-model/tests
+# The device clients (Python, and the C example on libmosquitto) against the real qosrouted,
+# mosquitto and emulated experts (about 10 s).
+cargo build --locked -q -p qosroute-daemon -p qosroute-cli
+"$python" -m pytest -q clients/python/tests
