@@ -5,10 +5,12 @@ mod bench;
 mod compare;
 mod demo;
 mod emulate;
+mod interference;
 mod plot;
 mod profile;
 mod real_site;
 mod table;
+mod top;
 mod train;
 mod validate;
 
@@ -49,10 +51,17 @@ enum Command {
     /// lengths and concurrency levels), fit its latency model and write it as a catalogue
     /// profile, with the fit's error and the raw measurements beside it.
     Profile(profile::ProfileArgs),
+    /// The impact estimator against a real batching server: requests decode, a new one joins;
+    /// the running ones' measured added time against `core::impact`'s prediction from the
+    /// server's fitted profile (JSON and a scatter plot).
+    Interference(interference::InterferenceArgs),
     /// The simulator against reality: replay a trace slice through qosrouted against real
     /// servers and in the simulator with their fitted profiles (`qosroute profile`); compare
     /// per-token latency, TTFT and SLO violations side by side, with plots.
     Validate(validate::ValidateArgs),
+    /// A live terminal view of a running gateway from its metrics endpoint: decisions per
+    /// second, outcomes, QoS, SLO misses and each expert's load (`--once`: one frame).
+    Top(top::TopArgs),
 }
 
 /// Inputs every simulation needs.
@@ -138,7 +147,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Profile(args) => profile::run(args),
+        Command::Interference(args) => interference::run(args),
         Command::Validate(args) => validate::run(args),
+        Command::Top(args) => top::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -435,6 +435,90 @@ pub fn sweep_curves(
     root.present().map_err(|e| draw_err(path, e))
 }
 
+/// One group of points of a scatter plot, shown in the legend.
+#[derive(Debug, Clone)]
+pub struct ScatterSeries {
+    /// Legend label.
+    pub label: String,
+    /// `(x, y)` points; non-finite ones are skipped.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Predicted (y) against measured (x) on equal axes from 0, with the line y = x: points above
+/// it are over-predicted, below it under-predicted.
+pub fn scatter_predicted_measured(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[ScatterSeries],
+) -> Result<(), PlotError> {
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let top = series
+        .iter()
+        .flat_map(|s| s.points.iter().filter(finite).flat_map(|p| [p.0, p.1]))
+        .reduce(f64::max)
+        .ok_or_else(|| empty(path, "no finite points"))?;
+    let top = if top > 0.0 { top * 1.08 } else { 1.0 };
+    let max_chars = series
+        .iter()
+        .map(|s| s.label.chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    let legend_w = max_chars * 8 + 60;
+    let plot_w = 620;
+    let root = SVGBackend::new(path, (plot_w + legend_w, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
+    let body = root
+        .titled(title, (FONT, 20))
+        .map_err(|e| draw_err(path, e))?;
+    let (plot_area, legend_area) = body.split_horizontally(plot_w);
+    let mut chart = ChartBuilder::on(&plot_area)
+        .margin(12)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..top, 0.0..top)
+        .map_err(|e| draw_err(path, e))?;
+    chart
+        .configure_mesh()
+        .light_line_style(TRANSPARENT)
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, 0.0), (top, top)],
+            fp::GREY_500.stroke_width(1),
+        ))
+        .map_err(|e| draw_err(path, e))?;
+    for (i, s) in series.iter().enumerate() {
+        let c = color(i);
+        chart
+            .draw_series(PointSeries::of_element(
+                s.points.iter().filter(finite).copied(),
+                4,
+                c.filled(),
+                &|pos, size, style| EmptyElement::at(pos) + Circle::new((0, 0), size, style),
+            ))
+            .map_err(|e| draw_err(path, e))?;
+    }
+    for (i, s) in series.iter().enumerate() {
+        let (x, y) = (10, 30 + 24 * i as i32);
+        let entry = EmptyElement::at((x, y))
+            + Circle::new((14, 0), 4, color(i).filled())
+            + Text::new(
+                s.label.clone(),
+                (36, 0),
+                TextStyle::from((FONT, 14)).pos(Pos::new(HPos::Left, VPos::Center)),
+            );
+        legend_area.draw(&entry).map_err(|e| draw_err(path, e))?;
+    }
+    root.present().map_err(|e| draw_err(path, e))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -220,7 +220,8 @@ impl Tokenization {
         (self.overhead_tokens + f64::from(words) * self.tokens_per_word).round() as u32
     }
 
-    fn words_for(&self, tokens: u32) -> u32 {
+    /// The words of a prompt of `tokens` tokens.
+    pub(crate) fn words_for(&self, tokens: u32) -> u32 {
         let w = (f64::from(tokens) - self.overhead_tokens) / self.tokens_per_word;
         w.round().max(1.0) as u32
     }
@@ -288,6 +289,9 @@ impl Target {
     ) -> anyhow::Result<Self> {
         let mut endpoint = ExpertEndpoint::new("profiled", url, model, ExpertKind::OpenAi);
         endpoint.api_key = api_key.clone();
+        // A fresh connection per request: a measurement must not lose a request to a server
+        // that closes kept-alive connections (llama-server does after each streamed answer).
+        endpoint.reuse_connections = false;
         endpoint.timeouts = Timeouts {
             connect: Duration::from_secs(5),
             first_token: Duration::from_secs_f64(timeout_s),
@@ -311,7 +315,18 @@ impl Target {
         })
     }
 
-    fn prompt(&self, words: u32) -> String {
+    /// The streaming client of the server.
+    pub(crate) fn client(&self) -> &ExpertClient {
+        &self.client
+    }
+
+    /// The extra request fields sent with every request.
+    pub(crate) fn extra(&self) -> &Map<String, Value> {
+        &self.extra
+    }
+
+    /// A prompt of `words` words that shares no prefix with any other of this run.
+    pub(crate) fn prompt(&self, words: u32) -> String {
         let k = self
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -196,7 +196,11 @@ impl ExpertClient {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE);
+            .pool_max_idle_per_host(if endpoint.reuse_connections {
+                POOL_MAX_IDLE
+            } else {
+                0
+            });
         let transport = if base.scheme == Scheme::HTTPS {
             tls_transport(&builder, http)?
         } else {

@@ -181,11 +181,16 @@ pub struct ExpertEndpoint {
     pub metric_names: MetricNames,
     /// Deadline of a whole health check or scrape (connect, headers and body), 2 s by default.
     pub probe_timeout: Duration,
+    /// Keep idle connections for the next request (HTTP/1.1 keep-alive). Off by default for
+    /// llama.cpp: its server (cpp-httplib) closes the connection after every streamed answer
+    /// although it advertises `Keep-Alive`, so a request sent on it at the wrong moment is lost
+    /// before its first token (seen with `qosroute interference` against `llama-server`).
+    pub reuse_connections: bool,
 }
 
 impl ExpertEndpoint {
-    /// An endpoint with no API key, default [`Timeouts`], the kind's default metric names and a
-    /// 2 s probe timeout.
+    /// An endpoint with no API key, default [`Timeouts`], the kind's default metric names, a
+    /// 2 s probe timeout, and connections kept for reuse unless the kind is llama.cpp.
     pub fn new(
         name: impl Into<String>,
         base_url: impl Into<String>,
@@ -201,6 +206,7 @@ impl ExpertEndpoint {
             timeouts: Timeouts::default(),
             metric_names: kind.default_metric_names(),
             probe_timeout: Duration::from_secs(2),
+            reuse_connections: kind != ExpertKind::LlamaCpp,
         }
     }
 }
@@ -216,6 +222,7 @@ impl fmt::Debug for ExpertEndpoint {
             .field("timeouts", &self.timeouts)
             .field("metric_names", &self.metric_names)
             .field("probe_timeout", &self.probe_timeout)
+            .field("reuse_connections", &self.reuse_connections)
             .finish()
     }
 }

@@ -12,6 +12,10 @@
 //! here), and its `/v1/models` does not answer while it prefills a prompt, so a health check
 //! must allow seconds, not milliseconds.
 
+mod batching;
+
+pub use batching::{BATCHING_DIR_VAR, BATCHING_INSTALL_COMMAND, BatchingEngine, BatchingOptions};
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -38,6 +42,19 @@ pub enum EngineError {
     NotInstalled {
         /// The virtual environment looked at.
         venv: PathBuf,
+        /// What is missing.
+        reason: String,
+    },
+    /// The batching engine (`llama-server`) is not built.
+    #[error(
+        "the batching engine (llama-server) is not built in {dir}: {reason}. Build it once with \
+         `{BATCHING_INSTALL_COMMAND}` (llama.cpp's server from the llama-cpp-python sdist and the \
+         SmolLM2-135M model, several minutes on 2 cores), or name another folder with \
+         {BATCHING_DIR_VAR}=DIR"
+    )]
+    NotBuilt {
+        /// The folder looked at.
+        dir: PathBuf,
         /// What is missing.
         reason: String,
     },
@@ -215,13 +232,6 @@ impl LlamaServer {
         } else {
             options.port
         };
-        if let Some(dir) = log.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| spawn_error("a server (log folder)", e))?;
-        }
-        let out = std::fs::File::create(log).map_err(|e| spawn_error("a server (log file)", e))?;
-        let err = out
-            .try_clone()
-            .map_err(|e| spawn_error("a server (log file)", e))?;
         let pinned = options.cpu.filter(|_| on_path("taskset"));
         let mut command = match pinned {
             Some(cpu) => {
@@ -242,13 +252,29 @@ impl LlamaServer {
             .args(["--n_batch", &options.batch_tokens.to_string()])
             // Without this, the server ends a streaming answer early ([DONE]) as soon as
             // another request arrives.
-            .args(["--interrupt_requests", "False"])
+            .args(["--interrupt_requests", "False"]);
+        Self::spawn(command, port, log, "the llama.cpp server")
+    }
+
+    /// Spawns `command` (a server on `port`) with its output in `log`.
+    fn spawn(mut command: Command, port: u16, log: &Path, what: &str) -> Result<Self, EngineError> {
+        let spawn_error = |what: &str, source| EngineError::Spawn {
+            what: what.to_owned(),
+            source,
+        };
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| spawn_error("a server (log folder)", e))?;
+        }
+        let out = std::fs::File::create(log).map_err(|e| spawn_error("a server (log file)", e))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| spawn_error("a server (log file)", e))?;
+        let child = command
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err);
-        let child = command
+            .stderr(err)
             .spawn()
-            .map_err(|e| spawn_error("the llama.cpp server", e))?;
+            .map_err(|e| spawn_error(what, e))?;
         Ok(Self {
             child,
             port,
@@ -324,11 +350,11 @@ impl Drop for LlamaServer {
 }
 
 /// A port free on the loopback interface now.
-fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
-fn on_path(program: &str) -> bool {
+pub(crate) fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
