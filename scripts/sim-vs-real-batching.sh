@@ -4,7 +4,7 @@
 #      scripts/llama-server.sh install;
 #   2. two servers that differ (qosroute-real-engine's BatchingOptions::configurations(), whose
 #      flags this script repeats): 4 slots on CPU 0, and 2 slots with 64-token prompt batches
-#      on CPU 1, one thread each;
+#      on CPU 1, one thread each; no prompt cache (the latency model has none);
 #   3. `qosroute profile` of each with batching on (one server at a time, the other idle):
 #      affine prefill, t0, d per sequence, e per context token, with each term's error;
 #   4. `qosroute interference` on each: requests decode, a new one joins; the running ones'
@@ -50,7 +50,7 @@ start_server() {
     mkdir -p "$LOGS"
     "${pin[@]}" "$SERVER" --model "$MODEL" --alias "$ALIAS" --host 127.0.0.1 --port "$port" \
         --threads "$threads" --threads-batch "$threads" --parallel "$slots" \
-        --ctx-size $((2048 * slots)) --batch-size "$batch" --metrics --slots --no-webui \
+        --ctx-size $((2048 * slots)) --batch-size "$batch" --metrics --slots --no-webui --no-cache-prompt \
         >"$LOGS/$name.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 1 240); do

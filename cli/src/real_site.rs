@@ -1,5 +1,7 @@
 //! `qosroute demo --real`: real llama.cpp servers (SmolLM2-135M, `qosroute-real-engine`) in
-//! place of the weakest emulated experts of the catalogue.
+//! place of the weakest emulated experts of the catalogue: llama.cpp's own `llama-server`
+//! (continuous batching over 4 slots) when `scripts/llama-server.sh install` has built it, else
+//! llama-cpp-python's server (one request at a time).
 
 use std::path::Path;
 use std::time::Duration;
@@ -7,13 +9,74 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use qosroute_core::{ExpertProfile, LatencyModel};
 use qosroute_expert_client::{ChatRequest, ExpertClient, ExpertEndpoint, ExpertKind};
-use qosroute_real_engine::{Engine, LlamaServer, SERVED_MODEL, ServerOptions};
+use qosroute_real_engine::{
+    BatchingEngine, BatchingOptions, Engine, LlamaServer, SERVED_MODEL, ServerOptions,
+};
 use qosroute_sim::{Catalogue, QualityTable};
 use tokio::time::Instant;
 
-/// Context of each real server, tokens: the demo's longest prompt (2,048 tokens, the wire
-/// bound) and answer (128) fit.
+/// Context of each real server (of each slot of a batching one), tokens: the demo's longest
+/// prompt (2,048 tokens, the wire bound) and answer (128) fit.
 const CONTEXT_TOKENS: u32 = 4096;
+/// Slots of a batching server.
+const BATCHING_SLOTS: u32 = 4;
+
+/// The engine the real experts run.
+#[derive(Debug)]
+pub(crate) enum RealEngine {
+    /// llama.cpp's `llama-server`: continuous batching over [`BATCHING_SLOTS`] slots, load on
+    /// `/metrics` (the daemon's `llamacpp` kind).
+    Batching(BatchingEngine),
+    /// llama-cpp-python's server: one request at a time.
+    OneAtATime(Engine),
+}
+
+impl RealEngine {
+    /// The batching engine when built, else llama-cpp-python's server when installed.
+    fn find() -> anyhow::Result<Self> {
+        match BatchingEngine::find() {
+            Ok(engine) => Ok(Self::Batching(engine)),
+            Err(batching) => match Engine::find() {
+                Ok(engine) => Ok(Self::OneAtATime(engine)),
+                Err(one) => bail!("no real engine: {batching}\nnor: {one}"),
+            },
+        }
+    }
+
+    fn slots(&self) -> u32 {
+        match self {
+            Self::Batching(_) => BATCHING_SLOTS,
+            Self::OneAtATime(_) => 1,
+        }
+    }
+
+    fn model(&self) -> &Path {
+        match self {
+            Self::Batching(e) => &e.model,
+            Self::OneAtATime(e) => &e.model,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Batching(_) => format!(
+                "llama.cpp llama-server, {BATCHING_SLOTS} slots batched, 1 thread, {CONTEXT_TOKENS}-token context per slot"
+            ),
+            Self::OneAtATime(_) => format!(
+                "llama-cpp-python server, one request at a time, 1 thread, {CONTEXT_TOKENS}-token context"
+            ),
+        }
+    }
+
+    /// The daemon's `kind` of these servers: `llamacpp` (it scrapes their load) for
+    /// llama-server; `openai` for llama-cpp-python's, which has no metrics.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Batching(_) => "llamacpp",
+            Self::OneAtATime(_) => "openai",
+        }
+    }
+}
 /// The prompt and answer the start-up measurement uses, tokens.
 const PROBE_PROMPT: u32 = 256;
 const PROBE_OUTPUT: u32 = 32;
@@ -24,7 +87,7 @@ pub(crate) const HEALTH_TIMEOUT_S: f64 = 30.0;
 /// The real experts of a demo, planned before any run.
 #[derive(Debug)]
 pub(crate) struct RealSite {
-    pub(crate) engine: Engine,
+    pub(crate) engine: RealEngine,
     /// Each real expert's profile (its latency model is measured when its server starts) and
     /// the emulated expert it replaces.
     pub(crate) experts: Vec<(ExpertProfile, String)>,
@@ -39,7 +102,7 @@ impl RealSite {
         catalogue: &mut Catalogue,
         quality: &QualityTable,
     ) -> anyhow::Result<Self> {
-        let engine = Engine::find()?;
+        let engine = RealEngine::find()?;
         if n == 0 || n >= catalogue.experts.len() {
             bail!(
                 "--real {n}: between 1 and {} (the catalogue's experts less one)",
@@ -62,11 +125,12 @@ impl RealSite {
                     name: format!("smollm2-local-{i}"),
                     model: stand_in.clone(),
                     hardware: format!(
-                        "SmolLM2-135M-Instruct Q4_1 (llama-cpp-python server, 1 thread, {CONTEXT_TOKENS}-token context) on this machine's CPU: real"
+                        "SmolLM2-135M-Instruct Q4_1 ({}) on this machine's CPU: real",
+                        engine.describe()
                     ),
                     source: format!("measured at start; replaces {}", gone.name),
-                    max_slots: 1,
-                    kv_tokens: u64::from(CONTEXT_TOKENS),
+                    max_slots: engine.slots(),
+                    kv_tokens: u64::from(CONTEXT_TOKENS) * u64::from(engine.slots()),
                     // Measured when the server starts (`RealServers::start`).
                     latency: LatencyModel {
                         prefill_tok_s: 1.0,
@@ -91,10 +155,11 @@ impl RealSite {
             .map(|(p, gone)| format!("{} replaces {gone}", p.name))
             .collect();
         format!(
-            "real experts: {} ({}); each is a llama.cpp server (llama-cpp-python, SmolLM2-135M-Instruct Q4_1 from {}, one thread) whose latency prior is measured at start (one {PROBE_PROMPT}-token prompt) and calibrated online by the daemon; the quality table has no SmolLM2-135M, so the devices score its answers as `{}`, the catalogue's weakest edge model (optimistic: a 135M model answers worse); time runs at 1x (real servers cannot be sped up), SLOs unscaled, and every prompt is unique (a real prompt cache would otherwise skip its prefill)",
+            "real experts: {} ({}); each is a llama.cpp server ({}, SmolLM2-135M-Instruct Q4_1 from {}) whose latency prior is measured at start (one {PROBE_PROMPT}-token prompt) and calibrated online by the daemon; the quality table has no SmolLM2-135M, so the devices score its answers as `{}`, the catalogue's weakest edge model (optimistic: a 135M model answers worse); time runs at 1x (real servers cannot be sped up), SLOs unscaled, and every prompt is unique (a real prompt cache would otherwise skip its prefill)",
             self.experts.len(),
             each.join(", "),
-            self.engine.model.display(),
+            self.engine.describe(),
+            self.engine.model().display(),
             self.experts.first().map_or("", |(p, _)| p.model.as_str())
         )
     }
@@ -127,6 +192,8 @@ fn weakest_column(catalogue: &Catalogue, quality: &QualityTable) -> Option<Strin
 #[derive(Debug)]
 pub(crate) struct RealServers {
     pub(crate) servers: Vec<(ExpertProfile, LlamaServer)>,
+    /// The daemon's `kind` of these servers.
+    pub(crate) kind: &'static str,
 }
 
 impl RealServers {
@@ -135,12 +202,23 @@ impl RealServers {
     pub(crate) async fn start(site: &RealSite, dir: &Path) -> anyhow::Result<Self> {
         let mut servers = Vec::with_capacity(site.experts.len());
         for (profile, _) in &site.experts {
-            let options = ServerOptions {
-                ctx_tokens: CONTEXT_TOKENS,
-                ..ServerOptions::default()
-            };
             let log = dir.join(format!("{}.log", profile.name));
-            let mut server = LlamaServer::start(&site.engine, &options, &log)?;
+            let mut server = match &site.engine {
+                RealEngine::Batching(engine) => {
+                    let options = BatchingOptions {
+                        ctx_tokens_per_slot: CONTEXT_TOKENS,
+                        ..BatchingOptions::new(BATCHING_SLOTS, 1)
+                    };
+                    LlamaServer::start_batching(engine, &options, &log)?
+                }
+                RealEngine::OneAtATime(engine) => {
+                    let options = ServerOptions {
+                        ctx_tokens: CONTEXT_TOKENS,
+                        ..ServerOptions::default()
+                    };
+                    LlamaServer::start(engine, &options, &log)?
+                }
+            };
             tokio::task::block_in_place(|| server.wait_ready(Duration::from_secs(120)))?;
             let latency = measure(&profile.name, &server.base_url())
                 .await
@@ -161,7 +239,10 @@ impl RealServers {
                 server,
             ));
         }
-        Ok(Self { servers })
+        Ok(Self {
+            servers,
+            kind: site.engine.kind(),
+        })
     }
 }
 
@@ -169,7 +250,9 @@ impl RealServers {
 /// daemon counts them: 4 bytes each) over the time to first token, decode step = the mean
 /// time between tokens.
 async fn measure(name: &str, base_url: &str) -> anyhow::Result<LatencyModel> {
-    let endpoint = ExpertEndpoint::new(name, base_url, SERVED_MODEL, ExpertKind::OpenAi);
+    let mut endpoint = ExpertEndpoint::new(name, base_url, SERVED_MODEL, ExpertKind::OpenAi);
+    // llama-server closes a connection after each streamed answer: one connection a request.
+    endpoint.reuse_connections = false;
     let client = ExpertClient::new(endpoint)?;
     let _warm_up = one_request(&client, "warm-up").await?;
     let (ttft, step) = one_request(&client, "measure").await?;

@@ -356,24 +356,22 @@ fn frame(url: &str, before: Option<(&Scrape, f64)>, now: &Scrape) -> Vec<String>
         .unwrap_or(0)
         .max(6);
     lines.push(format!(
-        "{:<w$} {:>4} {:>9} {:>8} {:>12} {:>15}",
-        "expert", "up", "in flight", "foreign", "completed/s", "per-token MAPE"
+        "{:<w$} {:>4} {:>9} {:>8} {:>12} {:>6} {:>9} {:>15}",
+        "expert", "up", "in flight", "foreign", "completed/s", "QoS", "SLO miss", "per-token MAPE"
     ));
     let up = now.by("qosroute_expert_up", "expert", &[]);
     let foreign = now.by("qosroute_expert_foreign_requests", "expert", &[]);
     let per_token = [("quantity", "per_token")];
-    let done_now = now.by(
-        "qosroute_prediction_relative_error_count",
-        "expert",
-        &per_token,
-    );
-    let done_before = before.map(|(b, _)| {
-        b.by(
-            "qosroute_prediction_relative_error_count",
-            "expert",
-            &per_token,
-        )
-    });
+    let done_now = now.by("qosroute_expert_completed_total", "expert", &[]);
+    let done_before = before.map(|(b, _)| b.by("qosroute_expert_completed_total", "expert", &[]));
+    // QoS and SLO misses per expert since the daemon started.
+    let qos_sum = now.by("qosroute_expert_qos_total", "expert", &[]);
+    let qos_answers = now.by("qosroute_expert_qos_answers_total", "expert", &[]);
+    let misses = now.by("qosroute_expert_slo_violations_total", "expert", &[]);
+    let ratio = |num: Option<f64>, den: Option<f64>| match (num, den) {
+        (Some(n), Some(d)) if d > 0.0 => Some(n / d),
+        _ => None,
+    };
     let mape = now.by("qosroute_prediction_mape", "expert", &per_token);
     for (expert, load) in &in_flight {
         // A completion counter appears with the expert's first completed request.
@@ -385,7 +383,7 @@ fn frame(url: &str, before: Option<(&Scrape, f64)>, now: &Scrape) -> Vec<String>
             )
         });
         lines.push(format!(
-            "{:<w$} {:>4} {:>9} {:>8} {:>12} {:>15}",
+            "{:<w$} {:>4} {:>9} {:>8} {:>12} {:>6} {:>9} {:>15}",
             expert,
             match up.get(expert) {
                 Some(v) if *v > 0.0 => "yes",
@@ -395,6 +393,17 @@ fn frame(url: &str, before: Option<(&Scrape, f64)>, now: &Scrape) -> Vec<String>
             num(Some(*load), 0),
             num(foreign.get(expert).copied(), 0),
             num(done, 1),
+            num(
+                ratio(
+                    qos_sum.get(expert).copied(),
+                    qos_answers.get(expert).copied()
+                ),
+                3
+            ),
+            pct(ratio(
+                misses.get(expert).copied(),
+                done_now.get(expert).copied()
+            )),
             pct(mape.get(expert).copied()),
         ));
     }
@@ -426,6 +435,7 @@ qosroute_expert_up{expert="a \"big\" one"} 1
 qosroute_expert_up{expert="b"} 0
 qosroute_prediction_relative_error_count{expert="a \"big\" one",quantity="per_token"} 60
 qosroute_prediction_relative_error_count{expert="a \"big\" one",quantity="ttft"} 60
+qosroute_expert_completed_total{expert="a \"big\" one"} 60
 "#;
 
     const AFTER: &str = r#"qosroute_requests_total{outcome="completed"} 120
@@ -449,6 +459,14 @@ qosroute_prediction_relative_error_count{expert="a \"big\" one",quantity="per_to
 qosroute_prediction_relative_error_count{expert="a \"big\" one",quantity="ttft"} 76
 qosroute_prediction_relative_error_count{expert="b",quantity="per_token"} 4
 qosroute_prediction_mape{expert="b",quantity="per_token"} 0.125
+qosroute_expert_completed_total{expert="a \"big\" one"} 76
+qosroute_expert_completed_total{expert="b"} 4
+qosroute_expert_qos_total{expert="a \"big\" one"} 38
+qosroute_expert_qos_answers_total{expert="a \"big\" one"} 76
+qosroute_expert_slo_violations_total{expert="a \"big\" one"} 19
+qosroute_expert_qos_total{expert="b"} 1
+qosroute_expert_qos_answers_total{expert="b"} 4
+qosroute_expert_slo_violations_total{expert="b"} 2
 "#;
 
     fn scrape(text: &str) -> Scrape {
@@ -472,8 +490,9 @@ qosroute_prediction_mape{expert="b",quantity="per_token"} 0.125
     /// 0.5 ms; completed 20 / 4 = 5/s; refused (rejected) 4 / 4 = 1/s; failed 0; QoS of the
     /// interval (58 - 50) / (120 - 100) = 0.4, since start 58 / 120 = 0.483; SLO misses
     /// 5 / 4 = 1.25/s, 5 of 20 completed = 25 %, since start 15 / 120 = 12.5 %; two
-    /// reconnects; expert a completed (76 - 60) / 4 = 4/s, expert b 4 / 4 = 1/s (its counter
-    /// appeared in the interval).
+    /// reconnects; expert a completed (76 - 60) / 4 = 4/s, QoS 38 / 76 = 0.5, SLO misses
+    /// 19 / 76 = 25 %; expert b 4 / 4 = 1/s (its counter appeared in the interval), QoS
+    /// 1 / 4 = 0.25, SLO misses 2 / 4 = 50 %.
     #[test]
     fn a_frame_shows_rates_from_two_scrapes() {
         let lines = frame("u", Some((&scrape(BEFORE), 4.0)), &scrape(AFTER));
@@ -505,12 +524,23 @@ qosroute_prediction_mape{expert="b",quantity="per_token"} 0.125
                 .unwrap()
                 .split_whitespace()
                 .rev()
-                .take(6)
+                .take(10)
                 .collect::<Vec<_>>()
         };
-        // From the right: MAPE (two tokens when known), completed/s, foreign, in flight, up.
-        assert_eq!(row("a \"big\" one"), ["-", "4.0", "-", "5", "yes", "one"]);
-        assert_eq!(row("b "), ["%", "12.5", "1.0", "8", "0", "NO"]);
+        // From the right: MAPE and SLO misses (two tokens each when known), QoS, completed/s,
+        // foreign, in flight, up.
+        assert_eq!(
+            row("a \"big\" one"),
+            [
+                "-", "%", "25.0", "0.500", "4.0", "-", "5", "yes", "one", "\"big\""
+            ]
+        );
+        assert_eq!(
+            row("b "),
+            [
+                "%", "12.5", "%", "50.0", "0.250", "1.0", "8", "0", "NO", "b"
+            ]
+        );
     }
 
     #[test]

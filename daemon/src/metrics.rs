@@ -154,6 +154,20 @@ pub struct Metrics {
     pub feedback: AtomicU64,
     /// The router's predictions against what completed requests measured.
     pub prediction_errors: crate::prediction_error::PredictionErrors,
+    /// Completed requests, SLO misses and realised QoS per expert (by name: a reload that
+    /// keeps an expert keeps its counts).
+    per_expert: std::sync::Mutex<std::collections::BTreeMap<String, ExpertOutcomes>>,
+}
+
+/// What the completed requests of one expert gave.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct ExpertOutcomes {
+    completed: u64,
+    slo_violations: u64,
+    /// Sum of realised QoS over the completed requests whose expert reported a quality.
+    qos_sum: f64,
+    /// Those requests.
+    qos_answers: u64,
 }
 
 impl Metrics {
@@ -177,6 +191,66 @@ impl Metrics {
         self.qos_sum_micro
             .fetch_add((qos.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
         self.qos_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a completed request of `expert`: whether it met its SLO, and its realised QoS
+    /// when the expert reported a quality.
+    pub fn expert_completed(&self, expert: &str, slo_met: bool, qos: Option<f64>) {
+        let Ok(mut books) = self.per_expert.lock() else {
+            return;
+        };
+        let book = match books.get_mut(expert) {
+            Some(b) => b,
+            None => books.entry(expert.to_owned()).or_default(),
+        };
+        book.completed += 1;
+        if !slo_met {
+            book.slo_violations += 1;
+        }
+        if let Some(q) = qos {
+            book.qos_sum += q.clamp(0.0, 1.0);
+            book.qos_answers += 1;
+        }
+    }
+
+    fn render_per_expert(&self, out: &mut String) {
+        let Ok(books) = self.per_expert.lock() else {
+            return;
+        };
+        type Counter = (&'static str, &'static str, fn(&ExpertOutcomes) -> f64);
+        let counters: [Counter; 4] = [
+            (
+                "qosroute_expert_completed_total",
+                "Requests completed by the expert.",
+                |b| b.completed as f64,
+            ),
+            (
+                "qosroute_expert_slo_violations_total",
+                "Completed requests of the expert whose per-token latency missed their SLO.",
+                |b| b.slo_violations as f64,
+            ),
+            (
+                "qosroute_expert_qos_total",
+                "Sum of realised QoS (quality if the SLO was met, else 0) over the expert's completed requests with a reported quality.",
+                |b| b.qos_sum,
+            ),
+            (
+                "qosroute_expert_qos_answers_total",
+                "The expert's completed requests with a reported quality (the QoS sum's count).",
+                |b| b.qos_answers as f64,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (expert, book) in books.iter() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{expert=\"{}\"}} {}",
+                    escape(expert),
+                    value(book)
+                );
+            }
+        }
     }
 
     /// The Prometheus text exposition, with per-expert gauges from `experts`.
@@ -305,6 +379,7 @@ impl Metrics {
             render_host(&mut out, h);
         }
         out.push_str(&self.prediction_errors.render(escape));
+        self.render_per_expert(&mut out);
         out
     }
 }
@@ -415,6 +490,27 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"0.0001\"} 3\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
         assert!(out.contains("x_count 4\n"));
+    }
+
+    #[test]
+    fn per_expert_counts_split_completions_misses_and_qos() {
+        let m = Metrics::default();
+        m.expert_completed("a", true, Some(0.75));
+        m.expert_completed("a", false, Some(0.0));
+        m.expert_completed("a", true, None);
+        m.expert_completed("b", false, None);
+        let text = m.render(&[], None);
+        for line in [
+            "qosroute_expert_completed_total{expert=\"a\"} 3\n",
+            "qosroute_expert_slo_violations_total{expert=\"a\"} 1\n",
+            "qosroute_expert_qos_total{expert=\"a\"} 0.75\n",
+            "qosroute_expert_qos_answers_total{expert=\"a\"} 2\n",
+            "qosroute_expert_completed_total{expert=\"b\"} 1\n",
+            "qosroute_expert_slo_violations_total{expert=\"b\"} 1\n",
+            "qosroute_expert_qos_answers_total{expert=\"b\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

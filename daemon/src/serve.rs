@@ -42,6 +42,48 @@ const MAX_ATTEMPTS: usize = 3;
 /// How long an expert's circuit stays open after repeated failures.
 const CIRCUIT_OPEN: Duration = Duration::from_secs(5);
 
+/// A gap between two tokens of one answer longer than this many times the answer's mean gap is
+/// a stall, not a decode step: another request's prompt processed in the same engine
+/// iteration (llama.cpp and vLLM put a joining prompt in the batch of the running sequences'
+/// next tokens, so each of them waits for that prefill).
+const STALL_RATIO: f64 = 3.0;
+
+/// The times between the tokens of one answer, for its decode-step observation.
+#[derive(Debug, Default)]
+struct TokenGaps {
+    last: Option<Instant>,
+    gaps: Vec<f64>,
+}
+
+impl TokenGaps {
+    fn token(&mut self, at: Instant) {
+        if let Some(last) = self.last {
+            self.gaps
+                .push(at.saturating_duration_since(last).as_secs_f64());
+        }
+        self.last = Some(at);
+    }
+
+    /// The answer's mean decode step without its stalls: the mean of the gaps no longer than
+    /// [`STALL_RATIO`] times the mean of all (the latency model's decode step has no prefill
+    /// in it: a joining request's prefill is its own term, so a step observation that kept
+    /// the stalls would count them twice); `None` below two gaps. The mean, not the median,
+    /// is the reference: a reader that falls behind gets tokens in bursts (gaps of 0 and of
+    /// several steps), which move the median but not the mean.
+    fn step_s(&self) -> Option<f64> {
+        if self.gaps.len() < 2 {
+            return None;
+        }
+        let all = self.gaps.iter().sum::<f64>() / self.gaps.len() as f64;
+        let (sum, n) = self
+            .gaps
+            .iter()
+            .filter(|&&g| g <= STALL_RATIO * all)
+            .fold((0.0, 0usize), |(s, n), g| (s + g, n + 1));
+        (n > 0).then(|| sum / n as f64)
+    }
+}
+
 /// Estimated prompt tokens of a text (about four bytes per token for English, at least 1).
 pub fn estimate_prompt_tokens(prompt: &str) -> u32 {
     u32::try_from(prompt.len().div_ceil(4))
@@ -456,6 +498,7 @@ async fn stream_answer(
     let mut last_flush = Instant::now();
     let mut tokens = 0u32;
     let mut first_token_at: Option<Instant> = None;
+    let mut gaps = TokenGaps::default();
     loop {
         let event = tokio::select! {
             () = shared.cut.cancelled() => return Err(Failure::Cut),
@@ -464,6 +507,7 @@ async fn stream_answer(
         match event {
             Some(Ok(StreamEvent::Token { text, at })) => {
                 tokens += 1;
+                gaps.token(at);
                 if first_token_at.is_some() {
                     // Every later token is counted without the router's lock: token
                     // bookkeeping never waits behind a decision.
@@ -525,9 +569,7 @@ async fn stream_answer(
                     .and_then(serde_json::Value::as_f64);
                 // The request's mean time between tokens is one decode-step observation,
                 // with the batch the ledger sees when the router thread takes it.
-                let step = first_token_at.filter(|_| tokens >= 3).map(|first| {
-                    now.saturating_duration_since(first).as_secs_f64() / f64::from(tokens - 1)
-                });
+                let step = gaps.step_s();
                 let finished = expert.to_owned();
                 shared
                     .router
@@ -547,9 +589,11 @@ async fn stream_answer(
                         .slo_violations
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                if let Some(q) = quality {
-                    shared.metrics.qos(if slo_met { q } else { 0.0 });
+                let realised = quality.map(|q| if slo_met { q } else { 0.0 });
+                if let Some(q) = realised {
+                    shared.metrics.qos(q);
                 }
+                shared.metrics.expert_completed(expert, slo_met, realised);
                 let ttft = first_token_at.map_or(0.0, |t| {
                     t.saturating_duration_since(dispatched_at).as_secs_f64()
                 });

@@ -159,6 +159,9 @@ impl BatchingOptions {
             "--metrics".into(),
             "--slots".into(),
             "--no-webui".into(),
+            // No prompt cache: the simulator's latency model has none, and reusing the chat
+            // template's KV across requests made the prefill fit's overhead negative.
+            "--no-cache-prompt".into(),
         ]
     }
 }
@@ -223,6 +226,7 @@ mod tests {
         assert_eq!(value("--alias"), SERVED_MODEL);
         assert!(args.iter().any(|a| a == "--metrics"));
         assert!(args.iter().any(|a| a == "--slots"));
+        assert!(args.iter().any(|a| a == "--no-cache-prompt"));
         let [(_, four), (_, two)] = BatchingOptions::configurations();
         assert_ne!(
             (four.slots, four.batch_tokens),

@@ -894,14 +894,15 @@ fn daemon_config(
         });
     let real = real
         .into_iter()
-        .flat_map(|r| &r.servers)
-        .map(|(profile, server)| {
+        .flat_map(|r| r.servers.iter().map(move |s| (r.kind, s)))
+        .map(|(kind, (profile, server))| {
             (
                 profile,
                 server.base_url(),
                 qosroute_real_engine::SERVED_MODEL.to_owned(),
                 format!(
-                    "kind = \"openai\"\nhealth_timeout_s = {:?}\nhardware = {}",
+                    "kind = {}\nhealth_timeout_s = {:?}\nhardware = {}",
+                    toml_str(kind),
                     crate::real_site::HEALTH_TIMEOUT_S,
                     toml_str(&profile.hardware)
                 ),
