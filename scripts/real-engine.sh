@@ -29,6 +29,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 AFFECTED=(daemon/ expert-client/ core/src/calibration.rs core/src/expert.rs real-engine/
           hil-tests/ cli/src/profile.rs cli/src/demo.rs scripts/real-engine.sh Cargo.lock)
 
+# shellcheck source=ci-affected.sh
+source scripts/ci-affected.sh
+
 log() { printf '%s real-engine: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 installed() {
@@ -115,11 +118,8 @@ case "${1:-}" in
             log "the engine is installed in $VENV: running the real-engine checks"
             run_tests
         else
-            base=$(git rev-parse -q --verify HEAD~1 || true)
-            changed=""
-            if [ -n "$base" ]; then changed=$(git diff --name-only "$base" HEAD -- "${AFFECTED[@]}" | head -5); fi
-            if [ -z "$base" ] || [ -n "$changed" ]; then
-                log "not installed, and the last commit touches what these checks cover (${changed:-first commit}): installing"
+            if changed=$(last_commit_touches "${AFFECTED[@]}"); then
+                log "not installed, and the last commit touches what these checks cover ($(echo $changed)): installing"
                 run_tests
             else
                 log "SKIP: the engine is not installed in $VENV and the last commit touches none of ${AFFECTED[*]}"

@@ -677,3 +677,57 @@ async fn flush(
         *seq += 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn gaps_of(ms: &[u64]) -> TokenGaps {
+        let mut t = Instant::now();
+        let mut g = TokenGaps::default();
+        g.token(t);
+        for &m in ms {
+            t += Duration::from_millis(m);
+            g.token(t);
+        }
+        g
+    }
+
+    fn close(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-9)
+    }
+
+    #[test]
+    fn without_stalls_the_step_is_first_to_last_over_the_gaps() {
+        // 10 tokens 10 ms apart: 90 ms over 9 gaps, what (last - first) / (tokens - 1) gives.
+        assert!(close(gaps_of(&[10; 9]).step_s(), 0.010));
+        // A reader that falls behind gets bursts (0 then 20 ms): the mean is unmoved.
+        assert!(close(gaps_of(&[0, 20, 0, 20, 0, 20]).step_s(), 0.010));
+    }
+
+    #[test]
+    fn a_joining_prefill_stall_is_left_to_the_prefill_term() {
+        // 8 steps of 10 ms and one 200 ms stall: the mean of all is 31.1 ms, the stall is over
+        // 3 x that, so the step is 10 ms (with the stall it would be 31.1 ms).
+        let mut ms = vec![10; 8];
+        ms.insert(4, 200);
+        assert!(
+            close(gaps_of(&ms).step_s(), 0.010),
+            "{:?}",
+            gaps_of(&ms).step_s()
+        );
+        // A gap under 3 x the mean stays: 8 x 10 ms and one 30 ms gap (mean 12.2 ms).
+        let mut ms = vec![10; 8];
+        ms.push(30);
+        assert!(close(gaps_of(&ms).step_s(), 0.110 / 9.0));
+    }
+
+    #[test]
+    fn fewer_than_two_gaps_measure_nothing() {
+        assert_eq!(gaps_of(&[]).step_s(), None);
+        assert_eq!(gaps_of(&[10]).step_s(), None);
+        assert!(close(gaps_of(&[10, 30]).step_s(), 0.020));
+    }
+}

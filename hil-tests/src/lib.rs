@@ -19,8 +19,8 @@ use std::sync::OnceLock;
 
 pub use report::{Check, Figure, Report};
 pub use scenarios::{
-    KEEP_LOGS_VAR, broker_restart, drain_clean_session, expert_kill, malformed, overload,
-    real_expert, reload_and_drain, replay, shared_group,
+    KEEP_LOGS_VAR, batching_expert, broker_restart, drain_clean_session, expert_kill, malformed,
+    overload, real_expert, reload_and_drain, replay, shared_group,
 };
 
 /// How big a run is: [`Scale::CI`] (factor 1) or [`Scale::LONG`] (factor 10). Counts of
@@ -54,7 +54,7 @@ impl Scale {
 }
 
 /// The scenarios, by number: (number, name, what it asserts).
-pub const SCENARIOS: [(u8, &str, &str); 9] = [
+pub const SCENARIOS: [(u8, &str, &str); 10] = [
     (
         1,
         "replay",
@@ -100,11 +100,20 @@ pub const SCENARIOS: [(u8, &str, &str); 9] = [
         "real-expert",
         "a real llama.cpp server (SmolLM2) beside emulated experts: served, streamed, calibrated to its measured speed (needs scripts/real-engine.sh install)",
     ),
+    (
+        10,
+        "batching-expert",
+        "a continuous-batching llama-server (4 slots) beside emulated experts: batched, every request once, every latency term calibrated (needs scripts/llama-server.sh install)",
+    ),
 ];
 
 /// The scenario that needs the real LLM engine (`scripts/real-engine.sh install`); the
 /// others need only mosquitto.
 pub const REAL_ENGINE_SCENARIO: u8 = 9;
+
+/// The scenario that needs the continuous-batching engine (`scripts/llama-server.sh
+/// install`).
+pub const BATCHING_ENGINE_SCENARIO: u8 = 10;
 
 static DAEMON_BINARY: OnceLock<PathBuf> = OnceLock::new();
 
@@ -138,6 +147,7 @@ pub async fn run(number: u8, scale: Scale) -> anyhow::Result<Report> {
             7 => shared_group(scale).await,
             8 => drain_clean_session(scale).await,
             9 => real_expert(scale).await,
+            10 => batching_expert(scale).await,
             n => Err(anyhow::anyhow!(
                 "no scenario {n}: they are numbered 1 to {}",
                 SCENARIOS.len()

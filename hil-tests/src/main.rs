@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use qosroute_hil::{REAL_ENGINE_SCENARIO, Report, SCENARIOS, Scale};
+use qosroute_hil::{BATCHING_ENGINE_SCENARIO, REAL_ENGINE_SCENARIO, Report, SCENARIOS, Scale};
 
 /// The hardware-in-loop suite: the real `qosrouted`, a real mosquitto, emulated experts and
 /// MQTT devices, under faults and load (see hil-tests/README.md).
@@ -20,7 +20,8 @@ struct Args {
     #[arg(long)]
     long: bool,
     /// Only these scenarios (repeat or comma-separate: `--scenario 1,3`); default all (9, the
-    /// real engine's, only when `scripts/real-engine.sh install` has installed the engine).
+    /// real engine's, only when `scripts/real-engine.sh install` has installed the engine; 10,
+    /// the batching engine's, only when `scripts/llama-server.sh install` has built it).
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<u8>,
     /// The `qosrouted` binary (default: next to this executable, or $QOSROUTED_BIN).
@@ -67,10 +68,15 @@ fn run() -> anyhow::Result<bool> {
         if let Err(e) = &engine {
             println!("qosroute-hil: scenario {REAL_ENGINE_SCENARIO} left out: {e}");
         }
+        let batching = qosroute_real_engine::BatchingEngine::find();
+        if let Err(e) = &batching {
+            println!("qosroute-hil: scenario {BATCHING_ENGINE_SCENARIO} left out: {e}");
+        }
         SCENARIOS
             .iter()
             .map(|s| s.0)
             .filter(|&n| n != REAL_ENGINE_SCENARIO || engine.is_ok())
+            .filter(|&n| n != BATCHING_ENGINE_SCENARIO || batching.is_ok())
             .collect()
     } else {
         args.scenario.clone()

@@ -514,7 +514,7 @@ impl DaemonConfig {
             let l = &e.latency;
             let _ = writeln!(
                 c,
-                "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = {}\nhealth_timeout_s = {:?}\nquality_model = {}\nmax_slots = {}\nkv_tokens = {}\n[expert.latency]\nprefill_tok_s = {:e}\ndecode_t0_s = {:e}\ndecode_d_s_per_seq = {:e}\ndecode_e_s_per_ctx_token = {:e}\n[expert.quality]\ndefault = {:.4}",
+                "\n[[expert]]\nname = {}\nbase_url = {}\nmodel = {}\nkind = {}\nhealth_timeout_s = {:?}\nquality_model = {}\nmax_slots = {}\nkv_tokens = {}\n[expert.latency]\nprefill_tok_s = {:e}\nprefill_overhead_s = {:e}\ndecode_t0_s = {:e}\ndecode_d_s_per_seq = {:e}\ndecode_e_s_per_ctx_token = {:e}\n[expert.quality]\ndefault = {:.4}",
                 toml_str(&e.name),
                 toml_str(&e.base_url),
                 toml_str(&e.model),
@@ -524,6 +524,7 @@ impl DaemonConfig {
                 e.max_slots,
                 e.kv_tokens,
                 l.prefill_tok_s,
+                l.prefill_overhead_s,
                 l.decode_t0_s,
                 l.decode_d_s_per_seq,
                 l.decode_e_s_per_ctx_token,

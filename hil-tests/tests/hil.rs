@@ -63,3 +63,12 @@ async fn s8_a_drain_under_load_delivers_every_final_reply_it_counts() {
 async fn s9_a_real_llm_engine_serves_streams_and_is_calibrated_to_its_measured_speed() {
     scenario(9).await;
 }
+
+/// Needs the continuous-batching engine: `bash scripts/llama-server.sh install`, then
+/// `cargo nextest run -p qosroute-hil --run-ignored only` (or `bash scripts/llama-server.sh
+/// test`, which CI runs as `scripts/llama-server.sh ci` decides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the batching engine: bash scripts/llama-server.sh install"]
+async fn s10_a_batching_engine_gets_several_requests_at_once_and_every_term_is_calibrated() {
+    scenario(10).await;
+}

@@ -1,6 +1,8 @@
 //! The scenarios, in order of priority, and what they share.
 
+mod batching_expert;
 mod broker_restart;
+mod direct;
 mod drain_clean;
 mod expert_kill;
 mod malformed;
@@ -21,6 +23,7 @@ use qosroute_testkit::{Broker, BrokerOptions, Daemon};
 use crate::report::{Report, mib};
 use crate::rig::{self, DaemonConfig, Expert};
 
+pub use batching_expert::batching_expert;
 pub use broker_restart::broker_restart;
 pub use drain_clean::drain_clean_session;
 pub use expert_kill::expert_kill;

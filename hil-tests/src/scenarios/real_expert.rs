@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use qosroute_core::{LatencyModel, SloTable, Task};
 use qosroute_expert_client::{ChatRequest, ExpertClient, ExpertEndpoint, ExpertKind};
 use qosroute_real_engine::{Engine, LlamaServer, SERVED_MODEL, ServerOptions};
@@ -10,6 +10,7 @@ use qosroute_swarm::{Outcome, Swarm, unique_prompt};
 use qosroute_testkit::Broker;
 use tokio::time::Instant;
 
+use super::direct::{Measured, exported_model, mean, measure, relative_error};
 use super::{finish_daemon, probe};
 use crate::Scale;
 use crate::report::{Report, percent};
@@ -47,75 +48,23 @@ const PROBES: usize = 3;
 const STEP_TOLERANCE: f64 = 0.15;
 const TTFT_TOLERANCE: f64 = 0.25;
 
-/// What a direct request to the server measured.
-#[derive(Debug, Clone, Copy)]
-struct Measured {
-    ttft_s: f64,
-    step_s: f64,
-    tokens: u32,
-}
-
 /// One streamed request straight to the server, with the prompt a device sends (request
-/// `tag`): time to first token and mean time between tokens.
-async fn measure(client: &ExpertClient, tag: &str) -> anyhow::Result<Measured> {
-    let request = ChatRequest::from_prompt(unique_prompt(tag, PROMPT), OUTPUT);
-    let sent = Instant::now();
-    let answer = client
-        .chat(request)
-        .await
-        .context("direct request")?
-        .read_to_end()
-        .await
-        .context("direct stream")?;
-    let (Some(first), Some(step_s)) = (answer.first_token_at, answer.mean_step_s()) else {
-        bail!(
-            "the server answered {} tokens: too short to measure",
-            answer.tokens
-        );
-    };
-    if answer.tokens < 3 || answer.text.trim().is_empty() {
-        bail!(
-            "the server answered {} tokens ({:?}): too short to measure",
-            answer.tokens,
-            answer.text
-        );
-    }
-    Ok(Measured {
-        ttft_s: first.saturating_duration_since(sent).as_secs_f64(),
-        step_s,
-        tokens: answer.tokens,
-    })
+/// `tag`).
+async fn measure_one(client: &ExpertClient, tag: &str) -> anyhow::Result<Measured> {
+    measure(
+        client,
+        ChatRequest::from_prompt(unique_prompt(tag, PROMPT), OUTPUT),
+        3,
+    )
+    .await
 }
 
 async fn measure_n(client: &ExpertClient, n: usize, tag: &str) -> anyhow::Result<Vec<Measured>> {
     let mut all = Vec::with_capacity(n);
     for i in 0..n {
-        all.push(measure(client, &format!("{tag}-{i}")).await?);
+        all.push(measure_one(client, &format!("{tag}-{i}")).await?);
     }
     Ok(all)
-}
-
-fn mean(values: impl Iterator<Item = f64>) -> f64 {
-    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
-    sum / n.max(1) as f64
-}
-
-/// The real expert's latency model as the daemon exports it on `/metrics`.
-fn exported_model(metrics: &str) -> Option<LatencyModel> {
-    let value = |name: &str| {
-        let prefix = format!("{name}{{expert=\"{REAL}\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
-    Some(LatencyModel {
-        prefill_tok_s: value("qosroute_expert_prefill_tokens_per_second")?,
-        prefill_overhead_s: 0.0,
-        decode_t0_s: value("qosroute_expert_decode_t0_seconds")?,
-        decode_d_s_per_seq: value("qosroute_expert_decode_d_seconds_per_sequence")?,
-        decode_e_s_per_ctx_token: value("qosroute_expert_decode_e_seconds_per_context_token")?,
-    })
 }
 
 /// A model's predictions for one request of the scenario's shape running alone: its time to
@@ -125,10 +74,6 @@ fn predict(l: &LatencyModel) -> (f64, f64) {
     let ttft = f64::from(PROMPT) / l.prefill_tok_s;
     let context = f64::from(PROMPT) + f64::from(OUTPUT) / 2.0;
     (ttft, l.decode_t0_s + l.decode_e_s_per_ctx_token * context)
-}
-
-fn relative_error(predicted: f64, reference: f64) -> f64 {
-    (predicted - reference).abs() / reference.max(1e-12)
 }
 
 /// A real llama.cpp server (llama-cpp-python serving SmolLM2-135M-Instruct on one CPU core,
@@ -167,7 +112,7 @@ pub async fn real_expert(scale: Scale) -> anyhow::Result<Report> {
     endpoint.timeouts.first_token = Duration::from_secs(60);
     let client = ExpertClient::new(endpoint)?;
     // The first answer after loading is slower (caches, page faults): not measured.
-    measure(&client, "warm-up").await?;
+    measure_one(&client, "warm-up").await?;
     let before = measure_n(&client, PROBES, "probe-before").await?;
 
     let quality = rig::quality_table()?;
@@ -254,7 +199,7 @@ pub async fn real_expert(scale: Scale) -> anyhow::Result<Report> {
         tokio::select! {
             run = &mut finishing => break run?,
             () = tokio::time::sleep(Duration::from_secs(1)) => {
-                if let Some(m) = daemon.try_metrics().ok().as_deref().and_then(exported_model) {
+                if let Some(m) = daemon.try_metrics().ok().as_deref().and_then(|m| exported_model(m, REAL)) {
                     trajectory.push((t0.elapsed().as_secs_f64(), m));
                 }
             }
@@ -265,7 +210,7 @@ pub async fn real_expert(scale: Scale) -> anyhow::Result<Report> {
         .try_metrics()
         .ok()
         .as_deref()
-        .and_then(exported_model)
+        .and_then(|m| exported_model(m, REAL))
         .context("the daemon exports no latency model of the real expert")?;
     trajectory.push((t0.elapsed().as_secs_f64(), calibrated));
 
