@@ -11,5 +11,6 @@ cargo nextest run --workspace --locked --no-fail-fast
 OMP_NUM_THREADS=1 "$python" -m pytest -q policy-model/tests
 # The device clients (Python, and the C example on libmosquitto) against the real qosrouted,
 # mosquitto and emulated experts (about 10 s).
-cargo build --locked -q -p qosroute-daemon -p qosroute-cli
+# The workspace's binaries, as nextest built them (same features: nothing to rebuild).
+cargo build --locked -q --workspace --bins
 "$python" -m pytest -q clients/python/tests
