@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use qosroute_core::{ExpertProfile, LatencyModel};
 use qosroute_emulator::{EmulatedExpert, EmulatorOptions};
+use qosroute_testkit::{Broker, Daemon, free_port};
 
 /// A child process killed on drop.
 struct Process(Child);
@@ -23,14 +24,6 @@ impl Drop for Process {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn profile(name: &str) -> Arc<ExpertProfile> {
@@ -61,7 +54,7 @@ fn daemon_config(broker_port: u16, experts: &[(&EmulatedExpert, &str)]) -> Strin
     let model = common::repo().join("policy-model/models/han");
     let mut c = format!(
         "site = \"top\"\n[broker]\nurl = \"mqtt://127.0.0.1:{broker_port}\"\nclient_id = \"qosrouted-top-{broker_port}\"\n\
-         [policy]\nmodel_dir = \"{}\"\n[slo]\ndefault_s_per_token = 0.5\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [policy]\nmodel_dir = \"{}\"\n[slo]\ndefault_s_per_token = 0.5\n[metrics]\nlisten = \"127.0.0.1:{{metrics_port}}\"\n\
          [telemetry]\nscrape_interval_s = 0.2\nstale_after_s = 2.0\n",
         model.display()
     );
@@ -75,35 +68,6 @@ fn daemon_config(broker_port: u16, experts: &[(&EmulatedExpert, &str)]) -> Strin
         ));
     }
     c
-}
-
-/// The metrics port the daemon logs once bound.
-fn metrics_port(log: &PathBuf) -> u16 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(port) = text
-            .lines()
-            .find(|l| l.contains("metrics endpoint"))
-            .and_then(|l| l.split("addr=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-        {
-            return port;
-        }
-        assert!(Instant::now() < deadline, "no metrics endpoint:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 fn top(args: &[&str]) -> std::process::Output {
@@ -130,43 +94,23 @@ fn rate_after(text: &str, label: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_once_shows_a_running_gateways_experts_and_rates() {
     common::build_daemon();
-    let dir = common::scratch("top", "gateway");
-    let broker_port = free_port();
-    std::fs::write(
-        dir.join("mosquitto.conf"),
-        format!("listener {broker_port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
-    )
-    .unwrap();
-    let _broker = Process(
-        Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(dir.join("mosquitto.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto (apt-get install -y mosquitto)"),
-    );
+    let broker = Broker::start();
+    let broker_port = broker.port;
     let (a, b) = (expert("a").await, expert("b").await);
-    std::fs::write(
-        dir.join("qosrouted.toml"),
-        daemon_config(broker_port, &[(&a, "a"), (&b, "b")]),
-    )
-    .unwrap();
-    let log = dir.join("qosrouted.log");
     let qosrouted = PathBuf::from(env!("CARGO_BIN_EXE_qosroute")).with_file_name("qosrouted");
-    let _daemon = Process(
-        Command::new(qosrouted)
-            .arg("--config")
-            .arg(dir.join("qosrouted.toml"))
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let daemon = Daemon::start_binary(
+        qosrouted,
+        &daemon_config(broker_port, &[(&a, "a"), (&b, "b")]),
+        &[],
     );
-    let port = metrics_port(&log);
+    let port = daemon.metrics_port;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !(scrape(port).contains("qosroute_expert_up{expert=\"a\"} 1")
-        && scrape(port).contains("qosroute_expert_up{expert=\"b\"} 1"))
+    while !(daemon
+        .metrics()
+        .contains("qosroute_expert_up{expert=\"a\"} 1")
+        && daemon
+            .metrics()
+            .contains("qosroute_expert_up{expert=\"b\"} 1"))
     {
         assert!(Instant::now() < deadline, "experts not up");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -249,5 +193,4 @@ async fn top_once_shows_a_running_gateways_experts_and_rates() {
         String::from_utf8_lossy(&dead.stderr).contains("cannot connect"),
         "{dead:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

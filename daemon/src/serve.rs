@@ -223,15 +223,7 @@ async fn serve(
     let mut failed: Vec<String> = Vec::new();
     for attempt in 0..MAX_ATTEMPTS {
         if shared.cut.is_cancelled() {
-            send_error(
-                shared,
-                route,
-                id,
-                ErrorCode::ShuttingDown,
-                "the gateway is shutting down",
-            )
-            .await;
-            return Outcome::ShuttingDown;
+            return shutting_down(shared, route, id).await;
         }
         let now = Instant::now();
         let decided = {
@@ -253,16 +245,9 @@ async fn serve(
                 })
                 .await
         };
+        // The router thread is gone only when the daemon stops.
         let Ok((routing, dispatched)) = decided else {
-            send_error(
-                shared,
-                route,
-                id,
-                ErrorCode::ShuttingDown,
-                "the gateway is shutting down",
-            )
-            .await;
-            return Outcome::ShuttingDown;
+            return shutting_down(shared, route, id).await;
         };
         shared
             .metrics
@@ -368,6 +353,19 @@ async fn serve(
     )
     .await;
     Outcome::ExpertFailed
+}
+
+/// Answers `shutting_down` to a request the gateway will not serve because it is stopping.
+async fn shutting_down(shared: &Shared, route: &ReplyRoute, id: &str) -> Outcome {
+    send_error(
+        shared,
+        route,
+        id,
+        ErrorCode::ShuttingDown,
+        "the gateway is shutting down",
+    )
+    .await;
+    Outcome::ShuttingDown
 }
 
 /// On the router thread: decides where the request goes (experts named in `failed` already

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::{EngineError, LlamaServer, SERVED_MODEL, free_port, on_path};
+use crate::{EngineError, LlamaServer, SERVED_MODEL, cache_dir, free_port, on_path};
 
 /// Environment variable naming the folder `scripts/llama-server.sh` builds into.
 pub const BATCHING_DIR_VAR: &str = "QOSROUTE_LLAMA_SERVER_DIR";
@@ -28,11 +28,7 @@ pub struct BatchingEngine {
 impl BatchingEngine {
     /// `$QOSROUTE_LLAMA_SERVER_DIR`, else `$HOME/.cache/qosroute-llama-server`.
     pub fn default_dir() -> PathBuf {
-        if let Some(dir) = std::env::var_os(BATCHING_DIR_VAR).filter(|v| !v.is_empty()) {
-            return PathBuf::from(dir);
-        }
-        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-        home.join(".cache").join("qosroute-llama-server")
+        cache_dir(BATCHING_DIR_VAR, "qosroute-llama-server")
     }
 
     /// The engine in [`BatchingEngine::default_dir`].

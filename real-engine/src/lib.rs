@@ -121,11 +121,7 @@ impl Engine {
     /// The virtual environment looked at: `$QOSROUTE_LLAMA_VENV`, else
     /// `$HOME/.cache/qosroute-llama-venv` (where `scripts/real-engine.sh` installs).
     pub fn default_venv() -> PathBuf {
-        if let Some(dir) = std::env::var_os(VENV_VAR).filter(|v| !v.is_empty()) {
-            return PathBuf::from(dir);
-        }
-        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-        home.join(".cache").join("qosroute-llama-venv")
+        cache_dir(VENV_VAR, "qosroute-llama-venv")
     }
 
     /// The engine in [`Engine::default_venv`].
@@ -347,6 +343,15 @@ impl Drop for LlamaServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The folder `var` names, else `$HOME/.cache/NAME` (where the engine scripts install).
+pub(crate) fn cache_dir(var: &str, name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".cache").join(name)
 }
 
 /// A port free on the loopback interface now.

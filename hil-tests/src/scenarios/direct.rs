@@ -1,10 +1,38 @@
 //! What the real-engine scenarios (9 and 10) share: a real server measured directly, with the
 //! prompt a device sends, and the daemon's latency model of it as exported on `/metrics`.
 
+use std::sync::Arc;
+
 use anyhow::{Context, bail};
 use qosroute_core::LatencyModel;
 use qosroute_expert_client::{ChatRequest, ExpertClient};
+use qosroute_sim::{Catalogue, QualityTable};
 use tokio::time::Instant;
+
+use crate::rig::Expert;
+
+/// The emulated experts `names` of `catalogue` beside the real one, at their hardware's speed
+/// (real time), seeded from `seed`.
+pub(super) fn emulated(
+    names: &[&str],
+    catalogue: &Catalogue,
+    quality: &Arc<QualityTable>,
+    seed: u64,
+) -> anyhow::Result<Vec<Expert>> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let profile = catalogue
+                .experts
+                .iter()
+                .find(|p| p.name == *name)
+                .cloned()
+                .with_context(|| format!("{name} is not in edge-mixed"))?;
+            Expert::start(profile, 1.0, quality, seed + i as u64)
+        })
+        .collect()
+}
 
 /// What one direct request to the server measured.
 #[derive(Debug, Clone, Copy)]

@@ -10,11 +10,11 @@ use qosroute_swarm::{Outcome, Swarm, unique_prompt};
 use qosroute_testkit::Broker;
 use tokio::time::Instant;
 
-use super::direct::{Measured, exported_model, mean, measure, relative_error};
+use super::direct::{Measured, emulated, exported_model, mean, measure, relative_error};
 use super::{finish_daemon, probe};
 use crate::Scale;
 use crate::report::{Report, percent};
-use crate::rig::{self, DaemonConfig, Expert, ExpertEntry};
+use crate::rig::{self, DaemonConfig, ExpertEntry};
 
 /// The real expert's name in the daemon's configuration.
 const REAL: &str = "smollm2-local";
@@ -118,19 +118,7 @@ pub async fn real_expert(scale: Scale) -> anyhow::Result<Report> {
     let quality = rig::quality_table()?;
     let catalogue = rig::edge_mixed()?;
     let broker = Broker::start();
-    let experts: Vec<Expert> = EMULATED
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let profile = catalogue
-                .experts
-                .iter()
-                .find(|p| p.name == *name)
-                .cloned()
-                .with_context(|| format!("{name} is not in edge-mixed"))?;
-            Expert::start(profile, 1.0, &quality, 90 + i as u64)
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let experts = emulated(&EMULATED, &catalogue, &quality, 90)?;
 
     let reference_ttft = mean(before.iter().map(|m| m.ttft_s));
     let reference_step = mean(before.iter().map(|m| m.step_s));
