@@ -744,8 +744,9 @@ impl LatencyCalibrator {
         (clipped, clipped != y)
     }
 
-    /// Learns from the prefill of a request that did not queue: `prompt_tokens` prompt
-    /// tokens took `seconds` from dispatch to its first token.
+    /// Learns from a prefill: `prompt_tokens` prompt tokens took `seconds` from when the
+    /// request's own prefill started (it held a slot, with no prefill ahead of it) to its
+    /// first token.
     ///
     /// Rejected (counted, nothing learned) unless `prompt_tokens` is in
     /// `(0, MAX_PROMPT_TOKENS]` and `seconds` in `[MIN_SECONDS, MAX_SECONDS]`, both finite.

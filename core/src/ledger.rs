@@ -25,6 +25,17 @@
 //! - [`ExpertState::utilisation`]: the share of recent time during which this router had at
 //!   least one request on the expert, exponentially weighted with a time constant of
 //!   [`UTILISATION_TIME_CONSTANT_S`] (1 − e^(−t/τ) after t seconds busy from idle).
+//!
+//! # What online calibration reads from it
+//!
+//! - [`ExpertLedger::mean_running_since_first_token`]: the batch (requests holding a slot)
+//!   and its context, averaged over time from a request's first token to now. A request's
+//!   mean time between tokens is a decode step at the batch it *lived* with, not at the
+//!   batch left when it ends.
+//! - [`ExpertLedger::own_prefill_since_s`]: when a request's own prefill started: when it took
+//!   its slot, or when the last request ahead of it that was still prefilling then got its
+//!   first token (the latency model's time to first token is the prefill ahead, then its
+//!   own). From then to its first token is its own prefill.
 
 use std::sync::Arc;
 
@@ -107,6 +118,16 @@ pub fn foreign_in_flight(i: usize) -> InFlight {
     }
 }
 
+/// Time integrals of what holds the expert's slots in the ledger's view: piecewise constant
+/// between the ledger's events (a dispatch, a first token, a finish).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RunningIntegrals {
+    /// ∫ requests holding a slot dt, request-seconds.
+    pub requests_s: f64,
+    /// ∫ their context (prompt plus tokens streamed back as last recorded) dt, token-seconds.
+    pub context_s: f64,
+}
+
 /// The requests a router has in flight on one expert, in dispatch order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpertLedger {
@@ -115,6 +136,11 @@ pub struct ExpertLedger {
     /// Exponentially weighted busy share as of `busy_at_s`.
     busy_share: f64,
     busy_at_s: f64,
+    /// [`RunningIntegrals`] as of `integrals_at_s`.
+    integrals: RunningIntegrals,
+    integrals_at_s: f64,
+    /// The integrals at each running request's first token (removed at its finish).
+    first_token_marks: Vec<(RequestId, RunningIntegrals)>,
 }
 
 impl ExpertLedger {
@@ -125,6 +151,9 @@ impl ExpertLedger {
             entries: Vec::new(),
             busy_share: 0.0,
             busy_at_s: now_s,
+            integrals: RunningIntegrals::default(),
+            integrals_at_s: now_s,
+            first_token_marks: Vec::new(),
         }
     }
 
@@ -156,9 +185,13 @@ impl ExpertLedger {
     /// Takes the requests in flight of `other` (a config reload that kept the expert), with
     /// its busy history; slots are reassigned for this ledger's slot count at `now_s`.
     pub fn take_over(&mut self, other: &mut ExpertLedger, now_s: f64) {
+        other.settle_integrals(now_s);
         self.entries = std::mem::take(&mut other.entries);
         self.busy_share = other.busy_share;
         self.busy_at_s = other.busy_at_s;
+        self.integrals = other.integrals;
+        self.integrals_at_s = other.integrals_at_s;
+        self.first_token_marks = std::mem::take(&mut other.first_token_marks);
         for (i, entry) in self.entries.iter_mut().enumerate() {
             if i < self.max_slots {
                 entry.slot_since_s.get_or_insert(now_s);
@@ -173,6 +206,59 @@ impl ExpertLedger {
         self.busy_at_s = self.busy_at_s.max(now_s);
     }
 
+    fn settle_integrals(&mut self, now_s: f64) {
+        let dt = now_s - self.integrals_at_s;
+        if dt > 0.0 {
+            let running = &self.entries[..self.entries.len().min(self.max_slots)];
+            let context: f64 = running
+                .iter()
+                .map(|d| f64::from(d.prompt_tokens) + f64::from(d.generated_tokens))
+                .sum();
+            self.integrals.requests_s += running.len() as f64 * dt;
+            self.integrals.context_s += context * dt;
+            self.integrals_at_s = now_s;
+        }
+    }
+
+    /// The requests holding a slot and their context, each averaged over time from request
+    /// `id`'s first token to `now_s` (which settles the integrals up to `now_s`); `None`
+    /// before its first token, for an unknown request, or when no time has passed.
+    pub fn mean_running_since_first_token(
+        &mut self,
+        id: RequestId,
+        now_s: f64,
+    ) -> Option<(f64, f64)> {
+        let since = self.entries.iter().find(|d| d.id == id)?.first_token_s?;
+        let mark = self.first_token_marks.iter().find(|(m, _)| *m == id)?.1;
+        self.settle_integrals(now_s);
+        let dt = self.integrals_at_s - since;
+        (dt > 0.0).then(|| {
+            (
+                (self.integrals.requests_s - mark.requests_s) / dt,
+                (self.integrals.context_s - mark.context_s) / dt,
+            )
+        })
+    }
+
+    /// When request `id`'s own prefill started, as the ledger saw it: when it took its slot,
+    /// or, if requests ahead of it held slots then without a token yet, the last first token
+    /// among them that came before `id`'s (an engine prefills those first, or in the same
+    /// iteration; one whose first token came after `id`'s did not hold it up). `None` for an
+    /// unknown request, one without a slot or without a first token yet.
+    pub fn own_prefill_since_s(&self, id: RequestId) -> Option<f64> {
+        let i = self.entries.iter().position(|d| d.id == id)?;
+        let since = self.entries[i].slot_since_s?;
+        let first = self.entries[i].first_token_s?;
+        Some(
+            self.entries[..i]
+                .iter()
+                .filter(|o| o.slot_since_s.is_some_and(|s| s <= since))
+                .filter_map(|o| o.first_token_s)
+                .filter(|&f| f > since && f <= first)
+                .fold(since, f64::max),
+        )
+    }
+
     fn busy_share_at(&self, now_s: f64) -> f64 {
         let busy = if self.entries.is_empty() { 0.0 } else { 1.0 };
         let dt = (now_s - self.busy_at_s).max(0.0);
@@ -182,6 +268,7 @@ impl ExpertLedger {
     /// Records a dispatch at `now_s`: the request holds a slot at once if one is free.
     pub fn dispatch(&mut self, mut entry: LedgerEntry, now_s: f64) {
         self.settle_busy(now_s);
+        self.settle_integrals(now_s);
         entry.slot_since_s = (self.entries.len() < self.max_slots).then_some(now_s);
         self.entries.push(entry);
     }
@@ -189,6 +276,7 @@ impl ExpertLedger {
     /// Records `tokens` more tokens of request `id` at `now_s`; returns whether they were its
     /// first.
     pub fn tokens(&mut self, id: RequestId, tokens: u32, now_s: f64) -> bool {
+        self.settle_integrals(now_s);
         let Some(entry) = self.entries.iter_mut().find(|d| d.id == id) else {
             return false;
         };
@@ -196,6 +284,7 @@ impl ExpertLedger {
         let first = entry.first_token_s.is_none();
         if first {
             entry.first_token_s = Some(now_s);
+            self.first_token_marks.push((id, self.integrals));
         }
         first
     }
@@ -205,6 +294,8 @@ impl ExpertLedger {
     pub fn finish(&mut self, id: RequestId, now_s: f64) -> Option<LedgerEntry> {
         let i = self.entries.iter().position(|d| d.id == id)?;
         self.settle_busy(now_s);
+        self.settle_integrals(now_s);
+        self.first_token_marks.retain(|(m, _)| *m != id);
         let done = self.entries.remove(i);
         if i < self.max_slots
             && let Some(next) = self.entries.get_mut(self.max_slots - 1)
@@ -350,6 +441,72 @@ mod tests {
         assert!((u2 - u * (-1.0f64).exp()).abs() < 1e-12, "{u2}");
         // Reading it changes nothing.
         assert_eq!(l.utilisation(10.0 + 2.0 * tau), u2);
+    }
+
+    #[test]
+    fn a_decode_step_sees_the_batch_averaged_over_the_answer() {
+        let mut l = ExpertLedger::new(2, 0.0);
+        l.dispatch(entry(1, 0.0), 0.0);
+        l.dispatch(entry(2, 1.0), 1.0);
+        assert_eq!(
+            l.mean_running_since_first_token(1, 2.0),
+            None,
+            "no token yet"
+        );
+        assert!(l.tokens(1, 1, 2.0));
+        // 2..4: requests 1 and 2 (context 101 + 100); 4..5: request 1 alone (101);
+        // 5..6: requests 1 and 3 (101 + 100).
+        assert!(l.finish(2, 4.0).is_some());
+        l.dispatch(entry(3, 5.0), 5.0);
+        let (batch, context) = l.mean_running_since_first_token(1, 6.0).unwrap();
+        assert!(
+            (batch - (2.0 * 2.0 + 1.0 + 2.0) / 4.0).abs() < 1e-12,
+            "{batch}"
+        );
+        assert!(
+            (context - (201.0 * 2.0 + 101.0 + 201.0) / 4.0).abs() < 1e-9,
+            "{context}"
+        );
+        // The batch left at the end (2) is not the batch the answer lived with (1.75).
+        assert_eq!(
+            l.mean_running_since_first_token(1, 6.0),
+            Some((batch, context))
+        );
+        assert_eq!(l.mean_running_since_first_token(9, 6.0), None, "unknown");
+        // Requests beyond the slots do not count; a finished request's mark goes.
+        l.dispatch(entry(4, 6.0), 6.0);
+        let (batch, _) = l.mean_running_since_first_token(1, 7.0).unwrap();
+        assert!((batch - (7.0 + 2.0) / 5.0).abs() < 1e-12, "{batch}");
+        assert!(l.finish(1, 7.0).is_some());
+        assert!(l.first_token_marks.is_empty());
+    }
+
+    #[test]
+    fn a_prefill_starts_when_the_prefills_ahead_of_it_have_yielded_their_first_token() {
+        let mut l = ExpertLedger::new(3, 0.0);
+        for (id, at) in [(1, 0.0), (2, 0.1), (3, 0.12), (4, 0.13)] {
+            l.dispatch(entry(id, at), at);
+        }
+        assert_eq!(l.own_prefill_since_s(3), None, "no first token yet");
+        // 1 yields its first token at 0.2, 2 at 0.5, 3 at 0.7: 3's own prefill is 0.5..0.7.
+        for (id, at) in [(1, 0.2), (2, 0.5), (3, 0.7)] {
+            assert!(l.tokens(id, 1, at));
+        }
+        assert_eq!(l.own_prefill_since_s(1), Some(0.0));
+        assert_eq!(l.own_prefill_since_s(2), Some(0.2));
+        assert_eq!(l.own_prefill_since_s(3), Some(0.5));
+        assert_eq!(l.own_prefill_since_s(4), None, "waiting: no slot");
+        assert_eq!(l.own_prefill_since_s(9), None, "unknown");
+        // A request ahead whose first token came after this one's did not hold it up; one
+        // that had its token before this one took its slot did not either.
+        let mut m = ExpertLedger::new(3, 0.0);
+        for (id, at) in [(1, 0.0), (2, 0.0), (3, 0.3)] {
+            m.dispatch(entry(id, at), at);
+        }
+        assert!(m.tokens(2, 1, 0.2));
+        assert!(m.tokens(3, 1, 0.6));
+        assert!(m.tokens(1, 1, 0.9));
+        assert_eq!(m.own_prefill_since_s(3), Some(0.3));
     }
 
     #[test]

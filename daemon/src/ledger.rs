@@ -358,6 +358,29 @@ impl Ledger {
         entry.slot_since_s.map(|s| self.instant(s))
     }
 
+    /// Requests holding a slot of expert `e` and their context, averaged over time from
+    /// request `key`'s first token to `now` (see [`ExpertLedger::mean_running_since_first_token`]).
+    pub fn mean_running_since_first_token(
+        &mut self,
+        e: usize,
+        key: u64,
+        now: Instant,
+    ) -> Option<(f64, f64)> {
+        self.sync_token_counts();
+        let now_s = self.secs(now);
+        self.experts
+            .get_mut(e)?
+            .in_flight
+            .mean_running_since_first_token(key, now_s)
+    }
+
+    /// When request `key`'s own prefill started on expert `e` (see
+    /// [`ExpertLedger::own_prefill_since_s`]).
+    pub fn own_prefill_since(&self, e: usize, key: u64) -> Option<Instant> {
+        let s = self.experts.get(e)?.in_flight.own_prefill_since_s(key)?;
+        Some(self.instant(s))
+    }
+
     /// Removes a finished (or failed) request at `now` and returns its entry; the first
     /// waiting request takes the slot it frees.
     pub fn finish(&mut self, e: usize, key: u64, now: Instant) -> Option<LedgerEntry> {

@@ -21,6 +21,9 @@ use crate::prediction_error::PredictedLatency;
 const SLOW_DECISIONS_TO_DISABLE: u32 = 3;
 /// How long the model stays off after it was too slow.
 const SLOW_MODEL_PAUSE: Duration = Duration::from_secs(60);
+/// A request's own prefill measured under this share of the latency model's prediction came
+/// with a first token ahead of it (the engine prefilled both in one iteration): not learned.
+pub const PREFILL_MIN_SHARE_OF_PREDICTED: f64 = 0.25;
 /// Quality prior of a task the config gives no number for.
 pub const DEFAULT_QUALITY_PRIOR: f64 = 0.5;
 
@@ -477,7 +480,39 @@ impl Router {
         self.ledger.dispatch(e, d)
     }
 
-    /// Learns a prefill time: from dispatch to first token of a request that did not queue.
+    /// Learns a prefill time from request `key`'s first token on expert `e` at `at`: from
+    /// when its own prefill started to its first token. That is when it took a slot (its
+    /// dispatch, or when the request ahead of it finished; a request that still waits in the
+    /// daemon's view measures nothing), or later, when the requests ahead of it that were
+    /// still prefilling then had their first tokens: the latency model's time to first token
+    /// is the prefill ahead, then its own. A prefill measured under
+    /// [`PREFILL_MIN_SHARE_OF_PREDICTED`] of the model's was done in the same iteration as one
+    /// ahead of it: nothing is learned.
+    pub fn observe_first_token(&mut self, e: usize, key: u64, prompt_tokens: u32, at: Instant) {
+        let (Some(since), Some(latency)) =
+            (self.ledger.own_prefill_since(e, key), self.latency_model(e))
+        else {
+            return;
+        };
+        let own = at.saturating_duration_since(since).as_secs_f64();
+        let predicted = latency.prefill_s(f64::from(prompt_tokens));
+        let slot = self.ledger.slot_since(e, key);
+        tracing::debug!(
+            expert = e,
+            prompt_tokens,
+            own_prefill_s = own,
+            predicted_s = predicted,
+            ttft_from_slot_s = slot.map(|s| at.saturating_duration_since(s).as_secs_f64()),
+            running = self.ledger.experts.get(e).map(|b| b.in_flight.len()),
+            "prefill observed"
+        );
+        if own < PREFILL_MIN_SHARE_OF_PREDICTED * predicted {
+            return;
+        }
+        self.observe_prefill(e, prompt_tokens, own);
+    }
+
+    /// Learns a prefill time of `prompt_tokens` on expert `e`.
     pub fn observe_prefill(&mut self, e: usize, prompt_tokens: u32, seconds: f64) {
         let accepted = self
             .calibrators
@@ -489,25 +524,29 @@ impl Router {
         }
     }
 
-    /// Learns a decode step time (a request's mean time between tokens) with the batch and
-    /// context the ledger sees on expert `e` now.
-    pub fn observe_decode_step(&mut self, e: usize, seconds: f64) {
-        let Some(book) = self.ledger.experts.get(e) else {
+    /// Learns a decode step time: request `key`'s mean time between tokens on expert `e`,
+    /// ending at `now`, at the batch and context the ledger saw on average since its first
+    /// token (an answer lives through batches of several sizes; the one left at its end is
+    /// not the one it decoded with).
+    pub fn observe_decode_step(&mut self, e: usize, key: u64, seconds: f64, now: Instant) {
+        let Some((batch, context)) = self.ledger.mean_running_since_first_token(e, key, now) else {
             return;
         };
-        let slots = book.profile.max_slots as usize;
-        let entries = book.in_flight.entries();
-        let running = &entries[..entries.len().min(slots)];
-        let batch = running.len().max(1) as f64;
-        let context: f64 = running
-            .iter()
-            .map(|d| f64::from(d.prompt_tokens) + f64::from(d.generated_tokens))
-            .sum();
+        tracing::debug!(
+            expert = e,
+            step_s = seconds,
+            batch,
+            context,
+            "decode step observed"
+        );
         let accepted = self
             .calibrators
             .get_mut(e)
             .and_then(Option::as_mut)
-            .is_some_and(|c| c.observe_decode_step(batch, context, seconds).is_ok());
+            .is_some_and(|c| {
+                c.observe_decode_step(batch.max(1.0), context, seconds)
+                    .is_ok()
+            });
         if accepted {
             self.apply_calibration(e);
         }
@@ -560,6 +599,98 @@ mod tests {
                 &format!("model_dir = \"{root}/policy-model/models/han\""),
             );
         Config::parse(&text, "example").unwrap()
+    }
+
+    fn dispatched(key: u64, at: Instant) -> Dispatched {
+        Dispatched {
+            key,
+            task: Task::Chat,
+            prompt_tokens: 200,
+            predicted_output_tokens: 50.0,
+            predicted_quality: 0.5,
+            slo_s_per_token: 0.1,
+            max_output_tokens: None,
+            arrived_at: at,
+            dispatched_at: at,
+        }
+    }
+
+    /// A request that took its slot while another was still prefilling learns its own
+    /// prefill, from the other's first token to its own: exactly what the same request alone
+    /// would have taught.
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_behind_another_teaches_what_it_would_alone() {
+        let epoch = Instant::now();
+        let ms = Duration::from_millis;
+        let (mut behind, mut alone) = (
+            Router::new(&config(), None, epoch).unwrap(),
+            Router::new(&config(), None, epoch).unwrap(),
+        );
+        let prior = behind.latency_model(0).unwrap();
+        let own = Duration::from_secs_f64(prior.prefill_s(200.0) * 1.5);
+        // Request 1 takes a slot at 0, request 2 at 50 ms; 1's first token comes at 400 ms,
+        // 2's when its own prefill is done.
+        behind.dispatch(0, dispatched(1, epoch));
+        behind.dispatch(0, dispatched(2, epoch + ms(50)));
+        behind.ledger.tokens(0, 1, 1, epoch + ms(400));
+        behind.ledger.tokens(0, 2, 1, epoch + ms(400) + own);
+        behind.observe_first_token(0, 2, 200, epoch + ms(400) + own);
+        alone.dispatch(0, dispatched(2, epoch + ms(50)));
+        alone.ledger.tokens(0, 2, 1, epoch + ms(50) + own);
+        alone.observe_first_token(0, 2, 200, epoch + ms(50) + own);
+        let (b, a) = (
+            behind.latency_model(0).unwrap(),
+            alone.latency_model(0).unwrap(),
+        );
+        assert_ne!(a, prior, "the observation was learned");
+        assert_eq!(b, a);
+    }
+
+    /// Two prompts prefilled in one iteration: the second's first token comes right after the
+    /// first's, which says nothing about its own prefill.
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_done_with_the_one_ahead_teaches_nothing() {
+        let epoch = Instant::now();
+        let mut router = Router::new(&config(), None, epoch).unwrap();
+        let prior = router.latency_model(0).unwrap();
+        let together = epoch + Duration::from_secs_f64(prior.prefill_s(400.0));
+        router.dispatch(0, dispatched(1, epoch));
+        router.dispatch(0, dispatched(2, epoch));
+        router.ledger.tokens(0, 1, 1, together);
+        router
+            .ledger
+            .tokens(0, 2, 1, together + Duration::from_millis(2));
+        router.observe_first_token(0, 2, 200, together + Duration::from_millis(2));
+        assert_eq!(router.latency_model(0).unwrap(), prior);
+    }
+
+    /// A decode step is learned at the batch the answer lived with: one answer that decoded
+    /// alone for 3 s and beside another for 1 s is a step at a batch of 1.25.
+    #[tokio::test(start_paused = true)]
+    async fn a_decode_step_is_learned_at_the_batch_averaged_over_the_answer() {
+        let epoch = Instant::now();
+        let s = Duration::from_secs;
+        let (mut lived, mut averaged) = (
+            Router::new(&config(), None, epoch).unwrap(),
+            Router::new(&config(), None, epoch).unwrap(),
+        );
+        lived.dispatch(0, dispatched(1, epoch));
+        lived.ledger.tokens(0, 1, 1, epoch + s(1));
+        lived.dispatch(0, dispatched(2, epoch + s(4)));
+        lived.observe_decode_step(0, 1, 0.03, epoch + s(5));
+        let model = lived.latency_model(0).unwrap();
+        let (batch, _) = lived
+            .ledger
+            .mean_running_since_first_token(0, 1, epoch + s(5))
+            .unwrap();
+        assert!((batch - 1.25).abs() < 1e-12, "{batch}");
+        // The same step observed at the batch left at the end (2) teaches something else.
+        averaged.dispatch(0, dispatched(1, epoch));
+        averaged.dispatch(0, dispatched(2, epoch));
+        averaged.ledger.tokens(0, 1, 1, epoch + s(1));
+        averaged.observe_decode_step(0, 1, 0.03, epoch + s(5));
+        assert_ne!(model, averaged.latency_model(0).unwrap());
+        assert_ne!(model, config().profiles()[0].latency, "learned");
     }
 
     #[tokio::test(start_paused = true)]

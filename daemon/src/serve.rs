@@ -518,15 +518,8 @@ async fn stream_answer(
                         .router
                         .tell(move |router| {
                             router.ledger.tokens_by_name(&expert, key, 1, at);
-                            // The prefill time: from when the request got a slot (its
-                            // dispatch, or when the request ahead of it finished) to its first
-                            // token. A request that still waits in the daemon's view measures
-                            // nothing.
-                            if let Some(e) = router.ledger.index_of(&expert)
-                                && let Some(since) = router.ledger.slot_since(e, key)
-                            {
-                                let ttft = at.saturating_duration_since(since).as_secs_f64();
-                                router.observe_prefill(e, prompt_tokens, ttft);
+                            if let Some(e) = router.ledger.index_of(&expert) {
+                                router.observe_first_token(e, key, prompt_tokens, at);
                             }
                         })
                         .await;
@@ -566,7 +559,7 @@ async fn stream_answer(
                     .and_then(|x| x.get("quality"))
                     .and_then(serde_json::Value::as_f64);
                 // The request's mean time between tokens is one decode-step observation,
-                // with the batch the ledger sees when the router thread takes it.
+                // at the batch the ledger saw on average over the answer.
                 let step = gaps.step_s();
                 let finished = expert.to_owned();
                 shared
@@ -574,7 +567,7 @@ async fn stream_answer(
                     .tell(move |router| {
                         if let Some(e) = router.ledger.index_of(&finished) {
                             if let Some(step) = step {
-                                router.observe_decode_step(e, step);
+                                router.observe_decode_step(e, key, step, now);
                             }
                             router.learn_completion(e, task, output_tokens);
                         }

@@ -111,7 +111,8 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 pub struct Daemon {
     /// The process.
     pub child: Child,
-    /// Its log (stderr, `RUST_LOG=info` unless the environment given says otherwise).
+    /// Its log (stderr, `RUST_LOG=info`, or `QOSROUTE_TEST_RUST_LOG` when set, unless the
+    /// environment given says otherwise).
     pub log: PathBuf,
     /// Its configuration file (rewrite it, then SIGHUP, to reload).
     pub config: PathBuf,
@@ -175,7 +176,10 @@ impl Daemon {
         let child = Command::new(exe.as_ref())
             .arg("--config")
             .arg(&path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("QOSROUTE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

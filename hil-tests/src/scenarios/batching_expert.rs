@@ -65,8 +65,8 @@ const PREFILL_TOLERANCE: f64 = 0.25;
 /// - `t0`, the step of one sequence (steady: 15 %, as scenario 9);
 const T0_TOLERANCE: f64 = 0.15;
 /// - `d`, the step's growth per extra sequence: a difference of two measured steps, learned
-///   from requests whose batch changes while they run (the daemon sees the batch when each
-///   ends), so looser.
+///   from requests whose batch changes while they run (the daemon averages the batch over
+///   each answer), so looser.
 const D_TOLERANCE: f64 = 0.25;
 /// - `e`, when the run can tell it apart: its direct measurement is the difference of two
 ///   steps alone (short and long prompt) 2-3 ms apart, each +-0.5 ms on a shared core, so
