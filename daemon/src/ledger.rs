@@ -444,7 +444,7 @@ impl Ledger {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use qosroute_core::LatencyModel;
 
@@ -460,7 +460,8 @@ mod tests {
         })
     }
 
-    fn dispatched(key: u64, at: Instant) -> Dispatched {
+    /// A chat request of 100 prompt tokens, dispatched when it arrived.
+    pub(crate) fn dispatched(key: u64, at: Instant) -> Dispatched {
         Dispatched {
             key,
             task: Task::Chat,

@@ -588,6 +588,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+    use crate::ledger::tests::dispatched;
     use qosroute_core::Task;
 
     fn config() -> Config {
@@ -599,20 +600,6 @@ mod tests {
                 &format!("model_dir = \"{root}/policy-model/models/han\""),
             );
         Config::parse(&text, "example").unwrap()
-    }
-
-    fn dispatched(key: u64, at: Instant) -> Dispatched {
-        Dispatched {
-            key,
-            task: Task::Chat,
-            prompt_tokens: 200,
-            predicted_output_tokens: 50.0,
-            predicted_quality: 0.5,
-            slo_s_per_token: 0.1,
-            max_output_tokens: None,
-            arrived_at: at,
-            dispatched_at: at,
-        }
     }
 
     /// A request that took its slot while another was still prefilling learns its own
@@ -627,17 +614,17 @@ mod tests {
             Router::new(&config(), None, epoch).unwrap(),
         );
         let prior = behind.latency_model(0).unwrap();
-        let own = Duration::from_secs_f64(prior.prefill_s(200.0) * 1.5);
+        let own = Duration::from_secs_f64(prior.prefill_s(100.0) * 1.5);
         // Request 1 takes a slot at 0, request 2 at 50 ms; 1's first token comes at 400 ms,
         // 2's when its own prefill is done.
         behind.dispatch(0, dispatched(1, epoch));
         behind.dispatch(0, dispatched(2, epoch + ms(50)));
         behind.ledger.tokens(0, 1, 1, epoch + ms(400));
         behind.ledger.tokens(0, 2, 1, epoch + ms(400) + own);
-        behind.observe_first_token(0, 2, 200, epoch + ms(400) + own);
+        behind.observe_first_token(0, 2, 100, epoch + ms(400) + own);
         alone.dispatch(0, dispatched(2, epoch + ms(50)));
         alone.ledger.tokens(0, 2, 1, epoch + ms(50) + own);
-        alone.observe_first_token(0, 2, 200, epoch + ms(50) + own);
+        alone.observe_first_token(0, 2, 100, epoch + ms(50) + own);
         let (b, a) = (
             behind.latency_model(0).unwrap(),
             alone.latency_model(0).unwrap(),
@@ -653,14 +640,14 @@ mod tests {
         let epoch = Instant::now();
         let mut router = Router::new(&config(), None, epoch).unwrap();
         let prior = router.latency_model(0).unwrap();
-        let together = epoch + Duration::from_secs_f64(prior.prefill_s(400.0));
+        let together = epoch + Duration::from_secs_f64(prior.prefill_s(200.0));
         router.dispatch(0, dispatched(1, epoch));
         router.dispatch(0, dispatched(2, epoch));
         router.ledger.tokens(0, 1, 1, together);
         router
             .ledger
             .tokens(0, 2, 1, together + Duration::from_millis(2));
-        router.observe_first_token(0, 2, 200, together + Duration::from_millis(2));
+        router.observe_first_token(0, 2, 100, together + Duration::from_millis(2));
         assert_eq!(router.latency_model(0).unwrap(), prior);
     }
 
