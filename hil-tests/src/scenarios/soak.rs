@@ -23,15 +23,18 @@ const WARM_UP_S: f64 = 300.0;
 /// Growth allowed after the warm-up over the warm-up's peak (the target: flat memory,
 /// no growth beyond the first five minutes' peak + 10 %).
 const GROWTH: f64 = 0.10;
-/// File descriptors and threads are small integers (about 40 and 10 here): 10 % of them is
-/// less than one, so they may also grow by this many (a connection to an expert reopened, a
-/// blocking-pool thread started) before the check calls it growth.
+/// File descriptors and threads: how many more the idle daemon may hold after the run than
+/// before its first request (a connection to an expert kept alive, a blocking-pool thread).
+/// Their peaks follow the load (a connection per answer streaming from an expert; the trace's
+/// busiest minutes have the most), so their leak check compares the idle daemon before and
+/// after, not peaks: the one-hour run's peak rose from 43 in the warm-up to 48 in the trace's
+/// busiest ten minutes and was 19 at the end, as at the start.
 const SMALL_COUNT_SLACK: u64 = 2;
+/// How long the daemon is left idle after the run before its idle sample.
+const IDLE_AFTER: Duration = Duration::from_secs(2);
 
 /// One quantity of a sample.
 type Quantity = fn(&SoakSample) -> u64;
-/// How a quantity is written.
-type Shown = fn(u64) -> String;
 
 /// One sample of the daemon's process and of the devices' progress.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -113,9 +116,9 @@ impl Growth {
 ///
 /// Asserts: every request ends exactly once (none lost, none duplicated); the daemon's
 /// `VmRSS` after the warm-up (the first five minutes, or the first fifth of a shorter run)
-/// never exceeds the warm-up's peak by more than 10 %; its open file descriptors and threads
-/// neither (or by 2, whichever is more); the daemon counted what the devices got; it exits 0 on
-/// SIGTERM.
+/// never exceeds the warm-up's peak by more than 10 %; idle 2 s after the run, it holds at most
+/// 2 more file descriptors and threads than before its first request (their peaks follow the
+/// load and are figures); the daemon counted what the devices got; it exits 0 on SIGTERM.
 pub async fn soak(seconds: f64, mut on_sample: impl FnMut(&SoakSample)) -> anyhow::Result<Report> {
     anyhow::ensure!(
         seconds >= 60.0,
@@ -171,6 +174,8 @@ pub async fn soak(seconds: f64, mut on_sample: impl FnMut(&SoakSample)) -> anyho
         }
     }
     let run = swarm.finish().await?;
+    tokio::time::sleep(IDLE_AFTER).await;
+    let idle_after = sample(pid, f64::NAN, 0, 0);
     let s = run.summary();
     report.swarm_figures("", &s);
     report.figure("QoS (devices)", format!("{:.3}", s.avg_qos));
@@ -192,40 +197,49 @@ pub async fn soak(seconds: f64, mut on_sample: impl FnMut(&SoakSample)) -> anyho
         );
     }
     report.swarm_checks("", &s);
-    let checks: [(&str, u64, Quantity, Shown); 3] = [
-        ("VmRSS", 0, |s| s.rss_kib, mib),
-        ("open fds", SMALL_COUNT_SLACK, |s| s.fds, |n| n.to_string()),
-        (
-            "threads",
-            SMALL_COUNT_SLACK,
-            |s| s.threads,
-            |n| n.to_string(),
-        ),
-    ];
-    for (what, slack, value, show) in checks {
-        match Growth::of(&samples, warm_up, slack, value) {
-            Some(g) => {
-                report.figure(
-                    format!("daemon {what} warm-up peak / later peak"),
-                    format!("{} / {}", show(g.warm_up_peak), show(g.later_peak)),
-                );
-                report.check(
-                    format!("daemon {what} flat after the warm-up"),
-                    g.holds(),
-                    format!(
-                        "later peak {} <= {} (warm-up peak {} + 10 %)",
-                        show(g.later_peak),
-                        show(g.allowed),
-                        show(g.warm_up_peak)
-                    ),
-                );
-            }
-            None => report.check(
-                format!("daemon {what} flat after the warm-up"),
-                false,
-                "no samples on both sides of the warm-up",
-            ),
+    match Growth::of(&samples, warm_up, 0, |s| s.rss_kib) {
+        Some(g) => {
+            report.figure(
+                "daemon VmRSS warm-up peak / later peak",
+                format!("{} / {}", mib(g.warm_up_peak), mib(g.later_peak)),
+            );
+            report.check(
+                "daemon VmRSS flat after the warm-up",
+                g.holds(),
+                format!(
+                    "later peak {} <= {} (warm-up peak {} + 10 %)",
+                    mib(g.later_peak),
+                    mib(g.allowed),
+                    mib(g.warm_up_peak)
+                ),
+            );
         }
+        None => report.check(
+            "daemon VmRSS flat after the warm-up",
+            false,
+            "no samples on both sides of the warm-up",
+        ),
+    }
+    let counts: [(&str, Quantity); 2] = [("open fds", |s| s.fds), ("threads", |s| s.threads)];
+    for (what, value) in counts {
+        if let Some(g) = Growth::of(&samples, warm_up, SMALL_COUNT_SLACK, value) {
+            report.figure(
+                format!("daemon {what} warm-up peak / later peak (follow the load)"),
+                format!("{} / {}", g.warm_up_peak, g.later_peak),
+            );
+        }
+        let before = samples.first().map(value);
+        let after = idle_after.as_ref().map(value);
+        report.check(
+            format!("daemon {what} idle after the run as before it (no leak)"),
+            matches!((before, after), (Some(b), Some(a)) if a <= b + SMALL_COUNT_SLACK),
+            format!(
+                "idle before the first request {}, {} s after the last {} (slack {SMALL_COUNT_SLACK})",
+                before.map_or_else(|| "unknown".into(), |n| n.to_string()),
+                IDLE_AFTER.as_secs(),
+                after.map_or_else(|| "unknown".into(), |n| n.to_string()),
+            ),
+        );
     }
     finish_daemon(&mut report, &mut daemon, Some(s.completed), "").await;
     report.wall_s = started.elapsed().as_secs_f64();
