@@ -40,6 +40,10 @@ pub struct EmulateArgs {
     /// Fault: wait this many seconds before the first byte of every response.
     #[arg(long, default_value_t = 0.0)]
     slow_start: f64,
+    /// Fault: every expert's engine runs this many times slower (prefill and decode), from the
+    /// start; `POST /admin/faults` with `{"slowdown": K}` sets it at run time, `{}` clears it.
+    #[arg(long)]
+    slowdown: Option<f64>,
     /// Quality table CSV for the answers' quality (default: the one shipped in data/quality/).
     #[arg(long)]
     quality: Option<PathBuf>,
@@ -83,6 +87,7 @@ async fn serve(args: &EmulateArgs) -> anyhow::Result<()> {
         error_rate: args.error_rate,
         hang: args.hang,
         slow_start_s: args.slow_start,
+        slowdown: args.slowdown,
     };
     // Before anything is announced, so that a signal sent on the ready lines is handled.
     let stop = StopSignal::install()?;

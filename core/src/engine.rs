@@ -165,6 +165,13 @@ impl ExpertEngine {
         &self.profile
     }
 
+    /// Runs on `profile` from now on: phases that start from now take its latencies (the
+    /// phase in progress keeps its end). The simulator slows an expert down this way (a
+    /// profile whose latency model is [`LatencyModel::slowed`](crate::LatencyModel::slowed)).
+    pub fn set_profile(&mut self, profile: Arc<ExpertProfile>) {
+        self.profile = profile;
+    }
+
     /// When the current phase ends, if the engine is busy.
     pub fn next_event_s(&self) -> Option<f64> {
         match self.phase {
@@ -625,6 +632,30 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!((e.busy_s(1.0) - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_slowed_profile_makes_the_phases_that_start_after_it_k_times_longer() {
+        let base = profile(4, 10_000);
+        let mut slow = (*base).clone();
+        slow.latency = slow.latency.slowed(5.0);
+        let mut e = ExpertEngine::new(base.clone());
+        e.enqueue(job(0, 100, 4), 0.0);
+        // The prefill in progress keeps its end; the decode run after it is 5x slower.
+        e.set_profile(Arc::new(slow));
+        let ev = drain(&mut e);
+        let expected = 0.1 + 5.0 * (0.06 + 1e-5 * 306.0);
+        match ev[1] {
+            EngineEvent::Completed { at_s, .. } => {
+                assert!((at_s - expected).abs() < 1e-12, "{at_s}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // And back at full speed.
+        e.set_profile(base);
+        e.enqueue(job(1, 100, 4), 10.0);
+        let ev = drain(&mut e);
+        assert_eq!(ev[0], EngineEvent::FirstToken { idx: 1, at_s: 10.1 });
     }
 
     #[test]

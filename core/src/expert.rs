@@ -59,6 +59,22 @@ impl LatencyModel {
             + self.decode_d_s_per_seq * (batch - 1.0).max(0.0)
             + self.decode_e_s_per_ctx_token * context_tokens
     }
+
+    /// This model on hardware `factor` times slower (a throttled board, a GPU shared with
+    /// another job): every prefill and decode duration `factor` times longer. A factor that is
+    /// not a positive finite number leaves the model as it is.
+    pub fn slowed(&self, factor: f64) -> Self {
+        if !(factor.is_finite() && factor > 0.0) {
+            return *self;
+        }
+        Self {
+            prefill_tok_s: self.prefill_tok_s / factor,
+            prefill_overhead_s: self.prefill_overhead_s * factor,
+            decode_t0_s: self.decode_t0_s * factor,
+            decode_d_s_per_seq: self.decode_d_s_per_seq * factor,
+            decode_e_s_per_ctx_token: self.decode_e_s_per_ctx_token * factor,
+        }
+    }
 }
 
 /// Everything static about one expert: which model it serves (its column in the quality
@@ -159,6 +175,26 @@ impl ExpertProfile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slowed_model_takes_factor_times_longer_for_every_prefill_and_step() {
+        let m = LatencyModel {
+            prefill_tok_s: 2000.0,
+            prefill_overhead_s: 0.01,
+            decode_t0_s: 0.02,
+            decode_d_s_per_seq: 0.001,
+            decode_e_s_per_ctx_token: 1e-6,
+        };
+        let slow = m.slowed(5.0);
+        for p in [1.0, 300.0, 4000.0] {
+            assert!((slow.prefill_s(p) - 5.0 * m.prefill_s(p)).abs() < 1e-12);
+        }
+        for (b, c) in [(1.0, 0.0), (4.0, 2000.0), (32.0, 50_000.0)] {
+            assert!((slow.decode_step_s(b, c) - 5.0 * m.decode_step_s(b, c)).abs() < 1e-12);
+        }
+        assert_eq!(m.slowed(f64::NAN), m);
+        assert_eq!(m.slowed(0.0), m);
+    }
 
     pub(crate) fn profile() -> ExpertProfile {
         ExpertProfile {

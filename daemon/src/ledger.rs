@@ -116,6 +116,9 @@ pub struct HostReading {
     pub cpu_utilisation: Option<f64>,
     /// Busy fraction of each GPU by its telemetry name; `None`: unknown.
     pub gpu_utilisation: Vec<(String, Option<f64>)>,
+    /// The board runs below its full clock now (thermal or power throttling, as the Raspberry
+    /// Pi firmware's flags say); `false` when not or unknown.
+    pub throttled: bool,
 }
 
 impl HostReading {
@@ -132,6 +135,19 @@ impl HostReading {
         }
     }
 }
+
+/// How many times slower a local expert counts while its host reports throttling: its latency
+/// model (as calibrated) is [`qosroute_core::LatencyModel::slowed`] by this factor, prefill and
+/// decode alike, at once, before calibration can see it.
+///
+/// Where it comes from: the Raspberry Pi 5 runs its Cortex-A76 cores at 2.4 GHz and its
+/// firmware's thermal throttling brings them down to 1.5 GHz while the soft limit holds
+/// (Raspberry Pi documentation, "Frequency management and thermal control"), 2.4 / 1.5 = 1.6.
+/// CPU inference (llama.cpp) slows about in proportion to the clock while it is compute bound
+/// (prefill) and less while memory bound (decode), so 1.6 is the upper end for a CPU expert.
+/// The only provider that reads throttling flags is the Pi's (`get_throttled` bits 1-3); the
+/// Jetson providers read clocks and loads but no throttling flag.
+pub const THROTTLED_SLOWDOWN: f64 = 1.6;
 
 /// Failures in a row that open an expert's circuit.
 pub const FAILURES_TO_OPEN: u32 = 3;
@@ -216,7 +232,14 @@ impl Ledger {
                 .iter()
                 .enumerate()
                 .map(|(e, book)| {
-                    let mut state = ExpertState::idle(book.profile.clone());
+                    let profile = if self.host_throttled(book, now, stale_after) {
+                        let mut slowed = (*book.profile).clone();
+                        slowed.latency = slowed.latency.slowed(THROTTLED_SLOWDOWN);
+                        Arc::new(slowed)
+                    } else {
+                        book.profile.clone()
+                    };
+                    let mut state = ExpertState::idle(profile);
                     book.in_flight.fill_expert_state(
                         &mut state,
                         self.is_up(e, now, stale_after),
@@ -277,6 +300,16 @@ impl Ledger {
             None => true,
             Some(u) => idle_here && u > self.host_busy_above,
         }
+    }
+
+    /// Whether `book`'s expert runs on this host and a fresh host reading says the board is
+    /// throttled.
+    fn host_throttled(&self, book: &ExpertBook, now: Instant, stale_after: Duration) -> bool {
+        book.host_device.is_some()
+            && self
+                .host
+                .as_ref()
+                .is_some_and(|h| h.throttled && now.saturating_duration_since(h.at) <= stale_after)
     }
 
     /// Records what host telemetry read.
@@ -578,6 +611,7 @@ pub(crate) mod tests {
             at: Instant::now(),
             cpu_utilisation: cpu,
             gpu_utilisation: vec![("nvml0:A".into(), Some(0.0)), ("nvml1:B".into(), gpu1)],
+            throttled: false,
         };
         ledger.host_reading(reading(Some(0.3), None));
         assert_eq!(
@@ -603,6 +637,50 @@ pub(crate) mod tests {
             (4, 4),
             "stale reading: saturated"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_local_expert_on_a_throttled_host_counts_as_slower_and_a_remote_one_does_not() {
+        let epoch = Instant::now();
+        let stale = Duration::from_secs(5);
+        let mut ledger = Ledger::new(&[profile("pi-cpu", 2), profile("remote", 2)], epoch);
+        ledger.experts[0].host_device = Some(HostDevice::Cpu);
+        let reading = |throttled| HostReading {
+            at: Instant::now(),
+            cpu_utilisation: Some(0.2),
+            gpu_utilisation: Vec::new(),
+            throttled,
+        };
+        // Predicted seconds of a 200-token prefill and of one decode step at batch 2.
+        let predicted = |l: &mut Ledger, now| {
+            let s = l.cluster_state(now, stale);
+            let m = |e: usize| {
+                let latency = &s.experts[e].profile.latency;
+                (latency.prefill_s(200.0), latency.decode_step_s(2.0, 1000.0))
+            };
+            (m(0), m(1))
+        };
+        ledger.host_reading(reading(false));
+        let (local, remote) = predicted(&mut ledger, epoch);
+        ledger.host_reading(reading(true));
+        let (throttled_local, throttled_remote) = predicted(&mut ledger, epoch);
+        assert!((throttled_local.0 - THROTTLED_SLOWDOWN * local.0).abs() < 1e-12);
+        assert!((throttled_local.1 - THROTTLED_SLOWDOWN * local.1).abs() < 1e-12);
+        assert_eq!(
+            throttled_remote, remote,
+            "another host's throttling is not its"
+        );
+        // The books keep the calibrated model: the slowdown is applied to what the policy sees.
+        assert_eq!(
+            ledger.experts[0].profile.latency,
+            ledger.experts[1].profile.latency
+        );
+        // A stale reading says nothing about throttling (it saturates the expert instead).
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let (stale_local, _) = predicted(&mut ledger, Instant::now());
+        assert_eq!(stale_local, local);
+        ledger.host_reading(reading(false));
+        assert_eq!(predicted(&mut ledger, Instant::now()).0, local);
     }
 
     #[tokio::test(start_paused = true)]

@@ -411,6 +411,11 @@ fn render_host(out: &mut String, h: &HostSample) {
         plain(h.memory_used),
     );
     gauge(
+        "qosroute_host_throttled",
+        "1 while the board runs below its full clock (its local experts count as slower).",
+        plain(h.throttled.map(|t| if t { 1.0 } else { 0.0 })),
+    );
+    gauge(
         "qosroute_host_temperature_celsius",
         "Host temperature sensors.",
         h.temperatures_c
@@ -573,5 +578,12 @@ mod tests {
             !text.contains("nvml0:X"),
             "a GPU of which nothing is known has no values"
         );
+        assert!(
+            !text.contains("qosroute_host_throttled"),
+            "unknown throttling is absent"
+        );
+        host.throttled = Some(true);
+        let text = Metrics::default().render(&[], Some(&host));
+        assert!(text.contains("qosroute_host_throttled 1\n"), "{text}");
     }
 }

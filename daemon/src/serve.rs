@@ -47,6 +47,13 @@ const CIRCUIT_OPEN: Duration = Duration::from_secs(5);
 /// iteration (llama.cpp and vLLM put a joining prompt in the batch of the running sequences'
 /// next tokens, so each of them waits for that prefill).
 const STALL_RATIO: f64 = 3.0;
+/// A long gap is a stall only if the stream resumes at its pace after it: the next gap is at
+/// least this share of the answer's mean gap. A long gap followed by a gap of about nothing is
+/// the reader (or the engine's sender) falling behind and catching up in a burst: those
+/// tokens were due all along, and the long gap is kept (dropping it measured steps of about
+/// nothing under a busy CPU: HIL scenario 11 saw five such answers in a row teach the
+/// calibrator a step 20 times too short).
+const RESUME_SHARE: f64 = 0.25;
 
 /// The times between the tokens of one answer, for its decode-step observation.
 #[derive(Debug, Default)]
@@ -64,22 +71,29 @@ impl TokenGaps {
         self.last = Some(at);
     }
 
-    /// The answer's mean decode step without its stalls: the mean of the gaps no longer than
-    /// [`STALL_RATIO`] times the mean of all (the latency model's decode step has no prefill
-    /// in it: a joining request's prefill is its own term, so a step observation that kept
-    /// the stalls would count them twice); `None` below two gaps. The mean, not the median,
-    /// is the reference: a reader that falls behind gets tokens in bursts (gaps of 0 and of
-    /// several steps), which move the median but not the mean.
+    /// The answer's mean decode step without its stalls: the mean of the gaps that are not
+    /// stalls, a stall being a gap over [`STALL_RATIO`] times the mean of all after which the
+    /// stream resumes at its pace (the next gap, if any, at least [`RESUME_SHARE`] of the
+    /// mean). The latency model's decode step has no prefill in it: a joining request's
+    /// prefill is its own term, so a step observation that kept the stalls would count them
+    /// twice. `None` below two gaps. The mean, not the median, is the reference: a reader that
+    /// falls behind gets tokens in bursts (gaps of 0 and of several steps), which move the
+    /// median but not the mean, and a burst's long gap is not a stall.
     fn step_s(&self) -> Option<f64> {
         if self.gaps.len() < 2 {
             return None;
         }
         let all = self.gaps.iter().sum::<f64>() / self.gaps.len() as f64;
-        let (sum, n) = self
-            .gaps
-            .iter()
-            .filter(|&&g| g <= STALL_RATIO * all)
-            .fold((0.0, 0usize), |(s, n), g| (s + g, n + 1));
+        let stall = |i: usize| {
+            self.gaps[i] > STALL_RATIO * all
+                && self
+                    .gaps
+                    .get(i + 1)
+                    .is_none_or(|&next| next >= RESUME_SHARE * all)
+        };
+        let (sum, n) = (0..self.gaps.len())
+            .filter(|&i| !stall(i))
+            .fold((0.0, 0usize), |(s, n), i| (s + self.gaps[i], n + 1));
         (n > 0).then(|| sum / n as f64)
     }
 }
@@ -696,6 +710,12 @@ mod tests {
         assert!(close(gaps_of(&[10; 9]).step_s(), 0.010));
         // A reader that falls behind gets bursts (0 then 20 ms): the mean is unmoved.
         assert!(close(gaps_of(&[0, 20, 0, 20, 0, 20]).step_s(), 0.010));
+        // Longer bursts too: a 40 ms wait, then three tokens that were due, at once. The long
+        // gaps are not stalls (the stream does not resume at its pace after them).
+        assert!(close(
+            gaps_of(&[40, 0, 0, 0, 40, 0, 0, 0, 40, 0]).step_s(),
+            0.012
+        ));
     }
 
     #[test]

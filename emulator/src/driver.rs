@@ -19,34 +19,84 @@ use tokio_util::sync::CancellationToken;
 use crate::schedule::{Delivery, EngineLoad, Finished, RequestKey, TokenSchedule};
 use crate::wire::CounterValues;
 
-/// Maps the Tokio clock to engine seconds.
-#[derive(Debug, Clone, Copy)]
+/// Maps the Tokio clock to engine seconds: `time_scale` wall-clock seconds per engine second,
+/// times the slowdown in force ([`Faults::slowdown`](crate::Faults::slowdown)). Each change of
+/// the slowdown starts a new segment; earlier segments stay, so that engine times of the past
+/// still map to the instants they happened at.
+#[derive(Debug, Clone)]
 pub(crate) struct EmulatorClock {
     start: Instant,
     time_scale: f64,
+    /// `(wall seconds since start, engine seconds then, wall seconds per engine second)`, in
+    /// time order; the first starts at `(0, 0, time_scale)`.
+    segments: Vec<(f64, f64, f64)>,
 }
 
 impl EmulatorClock {
     pub fn new(start: Instant, time_scale: f64) -> Self {
-        Self { start, time_scale }
-    }
-
-    pub fn time_scale(&self) -> f64 {
-        self.time_scale
+        Self {
+            start,
+            time_scale,
+            segments: vec![(0.0, 0.0, time_scale)],
+        }
     }
 
     /// Engine seconds at `at`.
     pub fn engine_s(&self, at: Instant) -> f64 {
-        at.saturating_duration_since(self.start).as_secs_f64() / self.time_scale
+        let wall_s = at.saturating_duration_since(self.start).as_secs_f64();
+        let (w0, e0, rate) = self
+            .segments
+            .iter()
+            .rev()
+            .find(|(w, _, _)| *w <= wall_s)
+            .copied()
+            .unwrap_or((0.0, 0.0, self.time_scale));
+        e0 + (wall_s - w0) / rate
+    }
+
+    /// Wall-clock seconds since the start at engine time `engine_s`.
+    pub fn wall_s(&self, engine_s: f64) -> f64 {
+        let (w0, e0, rate) = self
+            .segments
+            .iter()
+            .rev()
+            .find(|(_, e, _)| *e <= engine_s)
+            .copied()
+            .unwrap_or((0.0, 0.0, self.time_scale));
+        w0 + (engine_s - e0) * rate
     }
 
     /// The instant at which engine time `engine_s` is reached; far in the future when it
     /// cannot be represented.
     pub fn instant_of(&self, engine_s: f64) -> Instant {
-        Duration::try_from_secs_f64((engine_s * self.time_scale).max(0.0))
+        Duration::try_from_secs_f64(self.wall_s(engine_s).max(0.0))
             .ok()
             .and_then(|d| self.start.checked_add(d))
             .unwrap_or_else(far_future)
+    }
+
+    /// From `at` on, engine time runs `slowdown` times slower than the time scale says (1: as
+    /// it says). Engine time is continuous across the change.
+    pub fn set_slowdown(&mut self, at: Instant, slowdown: f64) {
+        let rate = self.time_scale * slowdown;
+        if self.segments.last().is_some_and(|s| s.2 == rate) {
+            return;
+        }
+        let wall_s = at.saturating_duration_since(self.start).as_secs_f64();
+        let wall_s = self.segments.last().map_or(wall_s, |s| wall_s.max(s.0));
+        let engine_s = self.engine_s(self.start + Duration::from_secs_f64(wall_s));
+        self.segments.push((wall_s, engine_s, rate));
+    }
+
+    /// `finished` with its engine times turned into wall-clock seconds since the start.
+    pub fn finished_in_wall_s(&self, finished: Finished) -> Finished {
+        Finished {
+            arrival_s: self.wall_s(finished.arrival_s),
+            admitted_s: self.wall_s(finished.admitted_s),
+            first_token_s: self.wall_s(finished.first_token_s),
+            finish_s: self.wall_s(finished.finish_s),
+            ..finished
+        }
     }
 }
 
@@ -59,7 +109,8 @@ fn far_future() -> Instant {
 pub(crate) enum Progress {
     /// Tokens produced so far (cumulative).
     Tokens(u32),
-    /// The request is complete: every token is out.
+    /// The request is complete: every token is out. Its times are wall-clock seconds since the
+    /// engine started ([`EmulatorClock::finished_in_wall_s`]).
     Finished(Finished),
 }
 
@@ -115,9 +166,12 @@ impl Counters {
 
 /// The engine task of one expert. Runs until `stop` is cancelled or every submission sender
 /// is gone; on return, every response still in flight sees its progress channel close.
+/// `slowdown` is the slowdown in force (1: none); a change applies to the engine at once,
+/// requests in flight included.
 pub(crate) async fn run_engine(
     mut schedule: TokenSchedule,
-    clock: EmulatorClock,
+    mut clock: EmulatorClock,
+    mut slowdown: watch::Receiver<f64>,
     mut submissions: mpsc::Receiver<Submission>,
     stop: CancellationToken,
     load: watch::Sender<EngineLoad>,
@@ -125,12 +179,26 @@ pub(crate) async fn run_engine(
 ) {
     let mut responses: HashMap<RequestKey, mpsc::UnboundedSender<Progress>> = HashMap::new();
     let mut due = Vec::new();
+    let mut slowdown_open = true;
+    clock.set_slowdown(Instant::now(), *slowdown.borrow_and_update());
     loop {
         let next_due = schedule.next_due_s();
         let wake = next_due.map(|t| clock.instant_of(t));
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
+            changed = slowdown.changed(), if slowdown_open => {
+                if changed.is_ok() {
+                    let k = *slowdown.borrow_and_update();
+                    clock.set_slowdown(Instant::now(), k);
+                    tracing::info!(
+                        expert = %schedule.profile().name, slowdown = k, at_s = clock.engine_s(Instant::now()),
+                        "engine speed changed"
+                    );
+                } else {
+                    slowdown_open = false;
+                }
+            }
             submission = submissions.recv() => {
                 let Some(s) = submission else { break };
                 let now_s = clock.engine_s(s.received_at);
@@ -155,7 +223,7 @@ pub(crate) async fn run_engine(
                 schedule.advance(now_s, &mut due);
             }
         }
-        dispatch(&mut due, &mut responses, &counters);
+        dispatch(&mut due, &mut responses, &counters, &clock);
         load.send_replace(schedule.load());
     }
     tracing::debug!(
@@ -169,6 +237,7 @@ fn dispatch(
     due: &mut Vec<Delivery>,
     responses: &mut HashMap<RequestKey, mpsc::UnboundedSender<Progress>>,
     counters: &Counters,
+    clock: &EmulatorClock,
 ) {
     for delivery in due.drain(..) {
         let message = match delivery.finished {
@@ -179,7 +248,7 @@ fn dispatch(
                     &counters.generation_tokens,
                     u64::from(finished.output_tokens),
                 );
-                Progress::Finished(finished)
+                Progress::Finished(clock.finished_in_wall_s(finished))
             }
             None => Progress::Tokens(delivery.tokens),
         };

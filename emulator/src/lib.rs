@@ -202,6 +202,7 @@ impl EmulatedExpert {
         let clock = EmulatorClock::new(Instant::now(), options.time_scale);
         let (submit, submissions) = mpsc::channel(1024);
         let (load_tx, load_rx) = watch::channel(EngineLoad::default());
+        let (slowdown_tx, slowdown_rx) = watch::channel(options.faults.engine_slowdown());
         let counters = Arc::new(Counters::default());
         let quality = options
             .quality
@@ -217,8 +218,8 @@ impl EmulatedExpert {
             profile: profile.clone(),
             model_name: options.model_name.clone(),
             quality,
-            clock,
             faults: Mutex::new(options.faults),
+            slowdown: slowdown_tx,
             error_draws: Mutex::new(SimRng::new(options.seed)),
             submissions: submit,
             load: load_rx,
@@ -231,6 +232,7 @@ impl EmulatedExpert {
         let engine = runtime.spawn(run_engine(
             TokenSchedule::new(profile.clone()),
             clock,
+            slowdown_rx,
             submissions,
             stop_engine.clone(),
             load_tx,

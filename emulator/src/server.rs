@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::AnswerTokens;
-use crate::driver::{Counters, EmulatorClock, Progress, Submission, bump};
+use crate::driver::{Counters, Progress, Submission, bump};
 use crate::faults::Faults;
 use crate::quality::AnswerQuality;
 use crate::request::{ChatCompletionRequest, FinishReason};
@@ -35,8 +35,9 @@ pub(crate) struct Shared {
     pub profile: Arc<ExpertProfile>,
     pub model_name: String,
     pub quality: Option<AnswerQuality>,
-    pub clock: EmulatorClock,
     pub faults: Mutex<Faults>,
+    /// The engine's slowdown ([`Faults::slowdown`], 1 without it), watched by the engine task.
+    pub slowdown: watch::Sender<f64>,
     /// Draws of the `error_rate` fault, one per chat completion while it is above 0.
     pub error_draws: Mutex<SimRng>,
     pub submissions: mpsc::Sender<Submission>,
@@ -65,6 +66,7 @@ impl Shared {
 
     pub fn set_faults(&self, faults: Faults) {
         *self.faults.lock().unwrap_or_else(PoisonError::into_inner) = faults;
+        self.slowdown.send_replace(faults.engine_slowdown());
     }
 
     fn draw(&self) -> f64 {
@@ -251,7 +253,6 @@ impl Answer {
             &self.shared.model_name,
             self.quality,
             finished,
-            self.shared.clock.time_scale(),
         )
     }
 

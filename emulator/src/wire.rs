@@ -88,14 +88,13 @@ fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
     })
 }
 
-/// The `"qosroute"` extension of a finished answer; times in wall-clock seconds (engine
-/// seconds times the time scale) from the request's arrival on the engine.
+/// The `"qosroute"` extension of a finished answer; times in wall-clock seconds from the
+/// request's arrival on the engine (`finished` holds wall-clock times).
 pub(crate) fn extension(
     expert: &str,
     model: &str,
     quality: Option<f64>,
     finished: &Finished,
-    time_scale: f64,
 ) -> Value {
     let mut o = Map::new();
     if let Some(q) = quality.and_then(serde_json::Number::from_f64) {
@@ -105,8 +104,7 @@ pub(crate) fn extension(
     o.insert("model".into(), Value::from(model));
     o.insert("prompt_tokens".into(), Value::from(finished.prompt_tokens));
     o.insert("output_tokens".into(), Value::from(finished.output_tokens));
-    let seconds =
-        |s: f64| serde_json::Number::from_f64(s * time_scale).map_or(Value::Null, Value::Number);
+    let seconds = |s: f64| serde_json::Number::from_f64(s).map_or(Value::Null, Value::Number);
     o.insert(
         "queue_s".into(),
         seconds(finished.admitted_s - finished.arrival_s),
@@ -338,13 +336,13 @@ mod tests {
             prompt_tokens: 10,
             output_tokens: 5,
         };
-        let x = extension("e", "m", None, &f, 0.5);
+        let x = extension("e", "m", None, &f);
         assert!(x.get("quality").is_none());
-        assert_eq!(x["queue_s"], 0.25);
-        assert_eq!(x["ttft_s"], 0.5);
-        assert_eq!(x["e2e_s"], 1.5);
+        assert_eq!(x["queue_s"], 0.5);
+        assert_eq!(x["ttft_s"], 1.0);
+        assert_eq!(x["e2e_s"], 3.0);
         assert_eq!(x["output_tokens"], 5);
-        let x = extension("e", "m", Some(0.75), &f, 1.0);
+        let x = extension("e", "m", Some(0.75), &f);
         assert_eq!(x["quality"], 0.75);
     }
 }

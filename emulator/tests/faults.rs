@@ -221,3 +221,95 @@ async fn faults_are_validated_and_readable() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     assert!(EmulatedExpert::serve(p.clone(), o, listener).is_err());
 }
+
+/// Unslowed step `k` (1-based) of a lone answer to a prompt of `prompt` tokens, seconds.
+fn lone_step_s(prompt: u32, k: usize) -> f64 {
+    slow_latency().decode_step_s(1.0, f64::from(prompt) + k as f64)
+}
+
+#[tokio::test(start_paused = true)]
+async fn slowdown_from_the_start_makes_prefill_and_every_step_k_times_longer() {
+    let p = profile(4, 20_000, slow_latency());
+    let mut o = options(&p);
+    o.faults.slowdown = Some(5.0);
+    let expert = start(p.clone(), o).await;
+    let (prompt, output) = (400u32, 8u32);
+    let answer = stream_chat(&client(), &expert.base_url(), &chat(prompt, output, true)).await;
+    assert!(answer.done, "{answer:?}");
+    let mut want = 5.0 * slow_latency().prefill_s(f64::from(prompt));
+    assert_at(answer.ttft(), want, 0.0011, "ttft");
+    for k in 1..output as usize {
+        want += 5.0 * lone_step_s(prompt, k);
+        assert_at(
+            answer.tokens[k].1 - answer.sent_at,
+            want,
+            0.0011,
+            &format!("token {k}"),
+        );
+    }
+    // The extension reports wall-clock times, the slowdown included.
+    let x = answer.extension().unwrap();
+    assert!((x["e2e_s"].as_f64().unwrap() - want).abs() < 1e-6, "{x}");
+    // /health still answers at once: slow but alive.
+    let before = tokio::time::Instant::now();
+    let health = client()
+        .get(format!("{}/health", expert.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(before.elapsed() < Duration::from_millis(5));
+    expert.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn slowdown_set_at_run_time_slows_the_answer_in_flight_and_clearing_it_restores_the_speed() {
+    let p = profile(4, 20_000, slow_latency());
+    let expert = start(p.clone(), options(&p)).await;
+    let base = expert.base_url();
+    let (prompt, output) = (400u32, 40u32);
+    let body = chat(prompt, output, true);
+    let answer = tokio::spawn({
+        let base = base.clone();
+        async move { stream_chat(&client(), &base, &body).await }
+    });
+    // T: after the prefill and about five steps; T2 two seconds later.
+    let started = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(0.5)).await;
+    assert_eq!(
+        set_faults(&base, json!({"slowdown": 5})).await.status(),
+        200
+    );
+    let t = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(set_faults(&base, json!({})).await.status(), 200);
+    let t2 = started.elapsed().as_secs_f64();
+    let answer = answer.await.unwrap();
+    assert!(answer.done, "{answer:?}");
+    assert_eq!(answer.tokens.len(), output as usize);
+    let at = |k: usize| (answer.tokens[k].1 - answer.sent_at).as_secs_f64();
+    let (mut slowed, mut restored) = (0, 0);
+    for k in 1..output as usize {
+        let gap = at(k) - at(k - 1);
+        let step = lone_step_s(prompt, k);
+        if at(k - 1) > t + 0.002 && at(k) < t2 - 0.002 {
+            assert!(
+                (gap - 5.0 * step).abs() < 0.0022,
+                "token {k}: gap {gap}, step {step}"
+            );
+            slowed += 1;
+        } else if at(k - 1) > t2 + 0.002 {
+            assert!(
+                (gap - step).abs() < 0.0022,
+                "token {k}: gap {gap}, step {step}"
+            );
+            restored += 1;
+        }
+    }
+    // About 2 s / (5 x 58 ms) steps slowed, the rest at full speed again.
+    assert!(
+        slowed >= 5 && restored >= 10,
+        "{slowed} slowed, {restored} restored"
+    );
+    expert.shutdown().await.unwrap();
+}

@@ -19,8 +19,9 @@ use std::sync::OnceLock;
 
 pub use report::{Check, Figure, Report};
 pub use scenarios::{
-    KEEP_LOGS_VAR, batching_expert, broker_restart, drain_clean_session, expert_kill, malformed,
-    overload, real_expert, reload_and_drain, replay, shared_group,
+    KEEP_LOGS_VAR, SAMPLE_EVERY, SoakSample, batching_expert, broker_restart, drain_clean_session,
+    expert_kill, malformed, overload, real_expert, reload_and_drain, replay, shared_group,
+    slow_expert, soak,
 };
 
 /// How big a run is: [`Scale::CI`] (factor 1) or [`Scale::LONG`] (factor 10). Counts of
@@ -54,7 +55,7 @@ impl Scale {
 }
 
 /// The scenarios, by number: (number, name, what it asserts).
-pub const SCENARIOS: [(u8, &str, &str); 10] = [
+pub const SCENARIOS: [(u8, &str, &str); 11] = [
     (
         1,
         "replay",
@@ -105,6 +106,11 @@ pub const SCENARIOS: [(u8, &str, &str); 10] = [
         "batching-expert",
         "a continuous-batching llama-server (4 slots) beside emulated experts: batched, every request once, every latency term calibrated (needs scripts/llama-server.sh install)",
     ),
+    (
+        11,
+        "slow-expert",
+        "one of six experts 5x slower mid-run, health intact: traffic falls to what it can serve within the SLO within 10 s, nothing lost",
+    ),
 ];
 
 /// The scenario that needs the real LLM engine (`scripts/real-engine.sh install`); the
@@ -148,6 +154,7 @@ pub async fn run(number: u8, scale: Scale) -> anyhow::Result<Report> {
             8 => drain_clean_session(scale).await,
             9 => real_expert(scale).await,
             10 => batching_expert(scale).await,
+            11 => slow_expert(scale).await,
             n => Err(anyhow::anyhow!(
                 "no scenario {n}: they are numbered 1 to {}",
                 SCENARIOS.len()

@@ -33,6 +33,11 @@ struct Args {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Instead of the scenarios, the soak run: this many seconds of the conversation trace in
+    /// real time (3600: the whole trace; 300: the five-minute form), the daemon's memory, file
+    /// descriptors and threads sampled every 10 s and printed as they are taken.
+    #[arg(long, value_name = "SECONDS")]
+    soak: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -61,6 +66,9 @@ fn run() -> anyhow::Result<bool> {
             daemon.display()
         );
         qosroute_hil::set_daemon_binary(daemon);
+    }
+    if let Some(seconds) = args.soak {
+        return soak(seconds, args.json.as_deref());
     }
     let scale = if args.long { Scale::LONG } else { Scale::CI };
     let numbers: Vec<u8> = if args.scenario.is_empty() {
@@ -119,6 +127,45 @@ fn run() -> anyhow::Result<bool> {
             .with_context(|| format!("{}: cannot write", path.display()))?;
     }
     Ok(errors.is_empty() && reports.iter().all(Report::passed))
+}
+
+/// The soak run: every sample as it is taken, then the report.
+fn soak(seconds: f64, json: Option<&std::path::Path>) -> anyhow::Result<bool> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    println!(
+        "qosroute-hil: soak of {seconds:.0} s of the conversation trace in real time, daemon {}, a sample every {} s",
+        qosroute_hil::daemon_binary().display(),
+        qosroute_hil::SAMPLE_EVERY.as_secs()
+    );
+    println!("   t_s  VmRSS_MiB  fds  threads  published  ended");
+    let started = std::time::Instant::now();
+    let report = runtime.block_on(qosroute_hil::soak(seconds, |s| {
+        println!(
+            "{:>6.0} {:>10.1} {:>4} {:>8} {:>10} {:>6}",
+            s.t_s,
+            s.rss_kib as f64 / 1024.0,
+            s.fds,
+            s.threads,
+            s.published,
+            s.ended
+        );
+    }))?;
+    println!("{report}");
+    let wall_s = started.elapsed().as_secs_f64();
+    println!(
+        "== soak {} ({wall_s:.0} s)",
+        if report.passed() { "passed" } else { "FAILED" }
+    );
+    if let Some(path) = json {
+        let json = serde_json::json!({ "wall_s": wall_s, "reports": [&report] });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    Ok(report.passed())
 }
 
 fn print_summary(reports: &[Report], errors: &[(u8, String)], wall_s: f64) {

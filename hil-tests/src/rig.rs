@@ -37,6 +37,12 @@ pub fn quality_table() -> anyhow::Result<Arc<QualityTable>> {
     Ok(Arc::new(QualityTable::embedded()?))
 }
 
+/// Requests in the Azure conversation trace (`data/traces/azure-llm-2023-conv.csv`).
+pub fn trace_len() -> anyhow::Result<usize> {
+    let path = workspace_file("data/traces/azure-llm-2023-conv.csv");
+    Ok(load_azure_trace(&path)?.len())
+}
+
 /// `n` requests of the Azure conversation trace (`data/traces/azure-llm-2023-conv.csv`) from
 /// `offset_s` in, through the simulator's workload synthesis (the seeded join with the
 /// quality table), arrivals scaled by `load` (0.5: half the trace's rate), output lengths
@@ -49,34 +55,60 @@ pub fn trace_requests(
     max_output: u32,
     seed: u64,
 ) -> anyhow::Result<Vec<SwarmRequest>> {
-    let path = workspace_file("data/traces/azure-llm-2023-conv.csv");
-    let rows = load_azure_trace(&path)?;
-    let spec = format!(
-        "trace:{},speed={load},n={n},offset={offset_s}",
-        path.display()
-    );
-    let parsed = WorkloadSpec::parse(&spec)?;
-    let sources = WorkloadSources {
-        quality,
-        output_lengths: &[],
-        trace: Some(&rows),
-    };
-    let requests = synthesize(&spec, &parsed, sources, seed)?;
-    if requests.len() < n {
-        bail!(
-            "the trace has {} requests from {offset_s} s, {n} wanted",
-            requests.len()
-        );
-    }
-    let workload = qosroute_sim::Workload { spec, requests };
+    let workload = trace_workload(quality, n, offset_s, load, max_output, seed)?;
     let mut plan = SwarmRequest::from_workload(&workload);
-    let first = plan.first().map_or(0.0, |r| r.arrival_s);
     for r in &mut plan {
-        r.arrival_s -= first;
-        r.output_tokens = r.output_tokens.clamp(1, max_output);
         r.max_tokens = r.output_tokens;
     }
     Ok(plan)
+}
+
+/// The simulator's workload of [`trace_requests`] (the same requests, first arrival at 0,
+/// outputs capped), for references computed by the simulator.
+///
+/// The trace holds 19,366 requests (an hour); a longer run (`--long` replays 100,000) goes
+/// round it again: each further lap starts one mean inter-arrival gap after the previous lap's
+/// last request and is joined with the quality table under the next seed (`seed + lap`), so
+/// laps differ in their prompts' qualities, not in their timing.
+pub fn trace_workload(
+    quality: &QualityTable,
+    n: usize,
+    offset_s: f64,
+    load: f64,
+    max_output: u32,
+    seed: u64,
+) -> anyhow::Result<qosroute_sim::Workload> {
+    let path = workspace_file("data/traces/azure-llm-2023-conv.csv");
+    let rows = load_azure_trace(&path)?;
+    let lap_spec = format!("trace:{},speed={load},offset={offset_s}", path.display());
+    let parsed = WorkloadSpec::parse(&lap_spec)?;
+    let mut requests = Vec::with_capacity(n);
+    let mut lap = 0u64;
+    let mut lap_start_s = 0.0;
+    while requests.len() < n {
+        let sources = WorkloadSources {
+            quality,
+            output_lengths: &[],
+            trace: Some(&rows),
+        };
+        let mut lap_requests = synthesize(&lap_spec, &parsed, sources, seed + lap)?;
+        if lap_requests.is_empty() {
+            bail!("the trace has no request from {offset_s} s");
+        }
+        let first = lap_requests.first().map_or(0.0, |r| r.arrival_s);
+        let last = lap_requests.last().map_or(first, |r| r.arrival_s);
+        let gap = (last - first) / lap_requests.len() as f64;
+        for r in &mut lap_requests {
+            r.arrival_s += lap_start_s - first;
+            r.output_tokens = r.output_tokens.clamp(1, max_output);
+        }
+        lap_start_s += last - first + gap;
+        let room = n - requests.len();
+        requests.extend(lap_requests.into_iter().take(room));
+        lap += 1;
+    }
+    let spec = format!("{lap_spec},n={n},laps={lap}");
+    Ok(qosroute_sim::Workload { spec, requests })
 }
 
 /// `n` requests at a constant rate (`per_s` workload seconds), all of the same shape.
@@ -689,5 +721,40 @@ pub async fn wait_accounted(daemon: &Daemon, n: f64, within: Duration) -> bool {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_longer_than_the_trace_goes_round_it_again_in_time_order() {
+        let quality = QualityTable::embedded().unwrap();
+        let one_lap = trace_workload(&quality, 19_366, 0.0, 1.0, 48, 1).unwrap();
+        let long = trace_workload(&quality, 25_000, 0.0, 1.0, 48, 1).unwrap();
+        assert_eq!(long.requests.len(), 25_000);
+        assert!(
+            long.requests
+                .windows(2)
+                .all(|w| w[0].arrival_s <= w[1].arrival_s)
+        );
+        // The first lap is the trace itself; the second starts after it ends, with the
+        // trace's timing and lengths again.
+        assert_eq!(long.requests[..19_366], one_lap.requests[..]);
+        let lap_end = one_lap.requests[19_365].arrival_s;
+        let second = &long.requests[19_366..];
+        assert!(second[0].arrival_s > lap_end);
+        let shift = second[0].arrival_s - one_lap.requests[0].arrival_s;
+        assert!((second[100].arrival_s - one_lap.requests[100].arrival_s - shift).abs() < 1e-6);
+        assert_eq!(
+            second[100].prompt_tokens,
+            one_lap.requests[100].prompt_tokens
+        );
+        assert!(
+            long.requests
+                .iter()
+                .all(|r| (1..=48).contains(&r.output_tokens))
+        );
     }
 }

@@ -55,6 +55,11 @@ async fn s8_a_drain_under_load_delivers_every_final_reply_it_counts() {
     scenario(8).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s11_traffic_leaves_an_expert_that_slows_down_and_nothing_is_lost() {
+    scenario(11).await;
+}
+
 /// Needs the real LLM engine: `bash scripts/real-engine.sh install`, then
 /// `cargo nextest run -p qosroute-hil --run-ignored only` (or `bash scripts/real-engine.sh
 /// test`, which CI runs as `scripts/real-engine.sh ci` decides).

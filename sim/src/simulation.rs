@@ -8,8 +8,9 @@
 use std::sync::Arc;
 
 use qosroute_core::{
-    ArrivalWindow, ArrivingRequest, Candidate, ClusterState, Decision, ExpertLedger, ExpertState,
-    LedgerEntry, Observed, Policy, Prediction, Request, impact_of, per_token_latency_s, qos,
+    ArrivalWindow, ArrivingRequest, Candidate, ClusterState, Decision, ExpertLedger, ExpertProfile,
+    ExpertState, LedgerEntry, Observed, Policy, Prediction, Request, impact_of,
+    per_token_latency_s, qos,
 };
 
 use crate::catalogue::Catalogue;
@@ -19,6 +20,38 @@ use crate::metrics::{RunReport, makespan_s, summarise};
 use crate::predict::{OutputLengthPredictor, Predictors, QualityPredictor};
 use crate::quality::QualityTable;
 use crate::workload::Workload;
+
+/// The fault "slow but alive": expert `expert` runs `factor` times slower (prefill and decode)
+/// from `from_s` until `until_s`, health intact. Phases that start in the window take the
+/// slowed latencies; the phase in progress at each change keeps its end (phases last one
+/// prefill or the decode steps until the next arrival or completion: milliseconds to a
+/// second).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Slowdown {
+    /// The slowed expert (catalogue index).
+    pub expert: usize,
+    /// How many times slower.
+    pub factor: f64,
+    /// When it slows down, seconds.
+    pub from_s: f64,
+    /// When it is back at full speed, seconds.
+    pub until_s: f64,
+    /// Whether the router's state shows the slowed latency model during the window (a router
+    /// whose calibration noticed at once: the reference for online calibration) or keeps the
+    /// profile's (a router that never notices).
+    pub router_knows: bool,
+}
+
+/// A change of an expert's speed at a time.
+#[derive(Debug, Clone)]
+struct SpeedChange {
+    at_s: f64,
+    expert: usize,
+    /// The profile the engine runs from then.
+    engine: Arc<ExpertProfile>,
+    /// The profile the router's state shows from then, when it changes.
+    state: Option<Arc<ExpertProfile>>,
+}
 
 /// What happened to one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -100,6 +133,8 @@ pub struct Simulation {
     arriving: ArrivingRequest,
     events: Vec<EngineEvent>,
     audit: bool,
+    /// Speed changes still ahead, in time order.
+    speed_changes: Vec<SpeedChange>,
 }
 
 impl Simulation {
@@ -195,7 +230,46 @@ impl Simulation {
             },
             events: Vec::new(),
             audit: false,
+            speed_changes: Vec::new(),
         })
+    }
+
+    /// Slows an expert down for a while ([`Slowdown`]). Several may be given, for different
+    /// experts or windows that do not overlap.
+    pub fn with_slowdown(mut self, slowdown: Slowdown) -> Result<Self, SimError> {
+        let Slowdown {
+            expert,
+            factor,
+            from_s,
+            until_s,
+            router_knows,
+        } = slowdown;
+        let engine = self.engines.get(expert).ok_or(SimError::Protocol(
+            "slowdown of an expert not in the catalogue",
+        ))?;
+        if !(factor.is_finite() && factor > 0.0 && from_s.is_finite() && until_s >= from_s) {
+            return Err(SimError::Protocol(
+                "slowdown: factor must be positive, from_s finite and until_s at least from_s",
+            ));
+        }
+        let full = engine.profile().clone();
+        let mut slow = (*full).clone();
+        slow.latency = slow.latency.slowed(factor);
+        let slow = Arc::new(slow);
+        self.speed_changes.push(SpeedChange {
+            at_s: from_s,
+            expert,
+            engine: slow.clone(),
+            state: router_knows.then_some(slow),
+        });
+        self.speed_changes.push(SpeedChange {
+            at_s: until_s,
+            expert,
+            engine: full.clone(),
+            state: router_knows.then_some(full),
+        });
+        self.speed_changes.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+        Ok(self)
     }
 
     /// Check every engine's invariants after each event (for tests; slows the run).
@@ -222,8 +296,23 @@ impl Simulation {
     /// Processes every engine event up to and including `until_s`, in time order.
     fn advance_to(&mut self, until_s: f64) -> Result<(), SimError> {
         loop {
-            let Some((e, t)) = qosroute_core::engine::next_event(&self.engines, until_s) else {
-                return Ok(());
+            let change_at = self
+                .speed_changes
+                .first()
+                .map(|c| c.at_s)
+                .filter(|&t| t <= until_s);
+            let Some((e, t)) =
+                qosroute_core::engine::next_event(&self.engines, change_at.unwrap_or(until_s))
+            else {
+                if change_at.is_none() {
+                    return Ok(());
+                }
+                let change = self.speed_changes.remove(0);
+                self.engines[change.expert].set_profile(change.engine);
+                if let Some(profile) = change.state {
+                    self.state.experts[change.expert].profile = profile;
+                }
+                continue;
             };
             if t < self.clock_s {
                 return Err(SimError::Protocol("an engine event went back in time"));

@@ -152,6 +152,7 @@ impl TelemetryProvider for JetsonProvider {
             })
             .collect();
         Ok(ProviderSample {
+            throttled: None,
             cpu_utilisation: None,
             memory_used,
             temperatures_c,

@@ -14,8 +14,8 @@
 //!   is the fallback when sysfs has no readable GPU load ([`parse_tegrastats_line`] is the
 //!   pure parser of its lines).
 //! - [`RpiProvider`] (Raspberry Pi): SoC temperature and the firmware's throttling flags from
-//!   sysfs, `vcgencmd get_throttled` as the fallback; a Pi throttled *now* reports its CPU as
-//!   fully busy (see the `rpi` module).
+//!   sysfs, `vcgencmd get_throttled` as the fallback; a Pi throttled *now* makes the host
+//!   sample [`HostSample::throttled`] (see the `rpi` module).
 //!
 //! # Unknown or stale is never idle
 //!
@@ -86,6 +86,9 @@ pub struct ProviderSample {
     pub temperatures_c: Vec<(String, f64)>,
     /// Every GPU the provider knows, readable or not.
     pub gpus: Vec<GpuSample>,
+    /// Whether the board runs below its full clock now (thermal or power throttling), if the
+    /// provider can tell (the Raspberry Pi provider, from the firmware's flags).
+    pub throttled: Option<bool>,
 }
 
 /// One GPU in a sample. Fractions are in `0..=1`; unknown is `None`.
@@ -132,6 +135,10 @@ pub struct HostSample {
     pub temperatures_c: Vec<(String, f64)>,
     /// Every GPU found at detection; one whose provider failed this round has all fields `None`.
     pub gpus: Vec<GpuSample>,
+    /// Whether the board runs below its full clock now (thermal or power throttling): `true`
+    /// when any provider says so, `false` when one can tell and none says so, `None` when none
+    /// can tell (only the Raspberry Pi provider reads such flags).
+    pub throttled: Option<bool>,
 }
 
 impl HostSample {
@@ -143,6 +150,7 @@ impl HostSample {
             memory_used: None,
             temperatures_c: Vec::new(),
             gpus: Vec::new(),
+            throttled: None,
         }
     }
 
@@ -197,7 +205,7 @@ impl HostTelemetry {
     /// here is left out and reported once in the returned notes (and by `tracing::info!`).
     ///
     /// Order, which is also the merge priority for CPU and memory: the Raspberry Pi provider
-    /// (it reports the CPU only when the SoC is throttled now, as fully busy), sysinfo, NVML,
+    /// (throttling flags and the SoC temperature, no CPU load), sysinfo, NVML,
     /// Jetson sysfs (or, on a Tegra system without a readable GPU load, `tegrastats`).
     pub fn detect(options: &TelemetryOptions) -> (Self, Vec<DetectionNote>) {
         let mut providers: Vec<Box<dyn TelemetryProvider>> = Vec::new();
@@ -252,7 +260,6 @@ impl HostTelemetry {
                     for missing in p.missing_sources() {
                         note("rpi", format!("{}: {missing}", p.model()));
                     }
-                    // First: its "throttled now, fully busy" must win over sysinfo's load.
                     providers.insert(0, Box::new(p));
                 }
                 None => note(
@@ -380,6 +387,11 @@ fn detect_jetson(
 /// Adds one provider's sample to the merged one, upholding the invariants (fractions in
 /// `0..=1`, finite temperatures, each temperature name once).
 fn merge(merged: &mut HostSample, sample: ProviderSample) {
+    merged.throttled = match (merged.throttled, sample.throttled) {
+        (Some(true), _) | (_, Some(true)) => Some(true),
+        (Some(false), _) | (_, Some(false)) => Some(false),
+        (None, None) => None,
+    };
     if merged.cpu_utilisation.is_none() {
         merged.cpu_utilisation = sample.cpu_utilisation.and_then(fraction);
     }
@@ -445,12 +457,14 @@ mod tests {
     #[test]
     fn first_provider_that_knows_wins_and_gpus_are_joined() {
         let a = ProviderSample {
+            throttled: None,
             cpu_utilisation: None,
             memory_used: Some(0.25),
             temperatures_c: vec![("cpu-thermal".into(), 40.0)],
             gpus: vec![gpu("nvml0:A", 0.5)],
         };
         let b = ProviderSample {
+            throttled: None,
             cpu_utilisation: Some(0.75),
             memory_used: Some(0.9),
             temperatures_c: vec![("cpu-thermal".into(), 41.0), ("GPU-therm".into(), 50.0)],
@@ -478,6 +492,7 @@ mod tests {
     #[test]
     fn a_failing_provider_leaves_its_gpus_unknown_not_missing() {
         let ok = ProviderSample {
+            throttled: None,
             gpus: vec![gpu("nvml0:A", 0.3)],
             ..ProviderSample::default()
         };
@@ -543,6 +558,7 @@ mod tests {
     #[test]
     fn out_of_range_values_from_a_provider_become_unknown() {
         let bad = ProviderSample {
+            throttled: None,
             cpu_utilisation: Some(1.5),
             memory_used: Some(f64::NAN),
             temperatures_c: vec![("x".into(), f64::INFINITY)],

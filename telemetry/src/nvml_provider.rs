@@ -82,6 +82,7 @@ impl TelemetryProvider for NvmlProvider {
 
     fn sample(&mut self) -> Result<ProviderSample, TelemetryError> {
         Ok(ProviderSample {
+            throttled: None,
             gpus: self.gpus.iter().map(|gpu| self.sample_gpu(gpu)).collect(),
             ..ProviderSample::default()
         })

@@ -18,12 +18,11 @@
 //!
 //! # What a throttled Pi reports
 //!
-//! While any "now" condition holds (bits 0–3) the SoC runs below its normal speed, so the
-//! host cannot be offered new work as if it were idle: the sample reports the CPU as fully
-//! busy (`cpu_utilisation = Some(1.0)`), the same value a saturated CPU reports, and
-//! [`HostTelemetry`](crate::HostTelemetry) puts this provider first so that this value wins
-//! over sysinfo's. When no condition holds now, the provider says nothing about the CPU and
-//! sysinfo's measured load is used. When the flags cannot be read at all (no sysfs file, no
+//! While any "now" condition holds (bits 0–3) the SoC runs below its normal speed: the sample
+//! says `throttled = Some(true)` (`Some(false)` when the flags were read and none holds now),
+//! and the daemon counts a local expert on a throttled host as slower (its latency model
+//! slowed by `THROTTLED_SLOWDOWN`, daemon/src/ledger.rs), rather than as busy: it still
+//! serves, more slowly. The provider says nothing about the CPU load; sysinfo measures it. When the flags cannot be read at all (no sysfs file, no
 //! `vcgencmd`), detection notes it once and the flags stay unknown: the provider never
 //! reports "not throttled" it did not read. A source that disappears after detection makes
 //! the sample fail, which the merge logs once and treats as unknown.
@@ -230,9 +229,11 @@ impl TelemetryProvider for RpiProvider {
             .map(|celsius| vec![(self.zone_name.clone(), celsius)])
             .unwrap_or_default();
         Ok(ProviderSample {
-            // Degraded now: as busy as a saturated CPU. Otherwise (or unknown): nothing said,
-            // sysinfo's measured load stands.
-            cpu_utilisation: flags.filter(|f| f.degraded_now()).map(|_| 1.0),
+            // Degraded now (under-voltage, frequency capped, throttled, soft temperature limit):
+            // the SoC runs below its full clock, so a local expert counts as slower (the
+            // daemon's `THROTTLED_SLOWDOWN`). The CPU load is sysinfo's to report.
+            throttled: flags.map(ThrottleFlags::degraded_now),
+            cpu_utilisation: None,
             memory_used: None,
             temperatures_c,
             gpus: Vec::new(),

@@ -111,6 +111,7 @@ impl TelemetryProvider for SysinfoProvider {
 
     fn sample(&mut self) -> Result<ProviderSample, TelemetryError> {
         Ok(ProviderSample {
+            throttled: None,
             cpu_utilisation: self.cpu_utilisation(),
             memory_used: self.memory_used(),
             temperatures_c: self.temperatures_c(),

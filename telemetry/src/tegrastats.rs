@@ -83,6 +83,7 @@ impl TegrastatsSample {
     pub fn to_provider_sample(&self, gpu_name: &str) -> ProviderSample {
         let memory_used = self.memory_used();
         ProviderSample {
+            throttled: None,
             cpu_utilisation: self.cpu_utilisation(),
             memory_used,
             temperatures_c: self.temperatures_c.clone(),

@@ -78,27 +78,32 @@ fn rpi5_idle_reads_temperature_and_says_nothing_about_the_cpu() {
     assert_eq!(s.memory_used, None);
     assert_eq!(s.temperatures_c, [("cpu-thermal".to_owned(), 52.65)]);
     assert!(s.gpus.is_empty());
+    // It can tell, and it is not throttled.
+    assert_eq!(s.throttled, Some(false));
 }
 
 #[test]
-fn rpi4_under_voltage_now_counts_as_fully_busy() {
+fn rpi4_under_voltage_now_counts_as_throttled() {
     let mut p = RpiProvider::detect(&fixture("rpi4-undervolted")).expect("a Pi");
     assert_eq!(p.model(), "Raspberry Pi 4 Model B Rev 1.4");
     let s = p.sample().unwrap();
     let flags = p.last_flags().unwrap();
     assert_eq!(flags, ThrottleFlags(0x50005));
     assert!(flags.under_voltage_now() && flags.throttled_now());
-    assert_eq!(s.cpu_utilisation, Some(1.0));
+    // Throttled, not busy: the CPU load is sysinfo's, the daemon counts the board slower.
+    assert_eq!(s.throttled, Some(true));
+    assert_eq!(s.cpu_utilisation, None);
     assert_eq!(s.temperatures_c, [("cpu-thermal".to_owned(), 81.226)]);
 }
 
 #[test]
-fn throttled_pi_wins_the_merge_over_sysinfo() {
+fn a_throttled_pi_makes_the_host_sample_throttled() {
     let (mut t, notes) = HostTelemetry::detect(&options(&fixture("rpi4-undervolted")));
     assert_eq!(t.provider_names().first(), Some(&"rpi"));
     assert!(notes.iter().all(|n| n.provider != "rpi"), "{notes:?}");
     let s = t.sample();
-    assert_eq!(s.cpu_utilisation, Some(1.0));
+    // The host sample says the board is throttled (the daemon slows its local experts down).
+    assert_eq!(s.throttled, Some(true));
     assert!(
         s.temperatures_c
             .iter()
@@ -126,7 +131,7 @@ fn vcgencmd_is_the_fallback_without_the_sysfs_file() {
     );
     let s = p.sample().unwrap();
     assert_eq!(p.last_flags(), Some(ThrottleFlags(0x50005)));
-    assert_eq!(s.cpu_utilisation, Some(1.0));
+    assert_eq!(s.throttled, Some(true));
     assert_eq!(s.temperatures_c, [("cpu-thermal".to_owned(), 47.2)]);
 }
 
@@ -141,6 +146,7 @@ fn no_flag_source_is_noted_once_and_stays_unknown() {
     let s = p.sample().unwrap();
     assert_eq!(p.last_flags(), None, "unknown, not 'not throttled'");
     assert_eq!(s.cpu_utilisation, None);
+    assert_eq!(s.throttled, None);
 
     let (mut t, notes) = HostTelemetry::detect(&options(&root));
     let rpi_notes: Vec<_> = notes.iter().filter(|n| n.provider == "rpi").collect();

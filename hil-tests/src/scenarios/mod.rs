@@ -11,6 +11,8 @@ mod real_expert;
 mod reload_drain;
 mod replay;
 mod shared_group;
+mod slow_expert;
+mod soak;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +35,8 @@ pub use real_expert::real_expert;
 pub use reload_drain::reload_and_drain;
 pub use replay::replay;
 pub use shared_group::shared_group;
+pub use slow_expert::slow_expert;
+pub use soak::{SAMPLE_EVERY, SoakSample, soak};
 
 /// Time compression of the trace scenarios: experts run this much faster than the hardware
 /// they model (their latency models and the SLOs are scaled to match), and the trace is

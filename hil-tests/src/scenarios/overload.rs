@@ -29,8 +29,23 @@ const SECONDS: f64 = 5.0;
 const ATTAINMENT: f64 = 0.80;
 /// ... and come within 10 % of it this often (the router's latency prediction is that good).
 const NEAR_ATTAINMENT: f64 = 0.98;
-/// Allowed growth of the daemon's resident memory over its level at the start.
-const RSS_BOUND_KIB: u64 = 48 * 1024;
+/// Allowed growth of the daemon's resident memory over its level at the start: twice the
+/// largest growth measured, rounded up to a MiB (twice, not 1.5 times: at a few MiB the
+/// allocator's per-thread arenas move it by a MiB or two). Measured (VmRSS at the start ->
+/// peak): 3.5, 3.7 and 3.6 MiB at CI scale (debug build, 2026-12-07, machine shared with other
+/// builds and the suite's long runs), 3.8 MiB on 2026-11-24, 2.7 MiB at `--long` (50 s of
+/// overload, release build). `max_in_flight = 12` bounds what requests hold; at `--long` ten
+/// times the requests gave less growth, not more. It was 48 MiB.
+const RSS_BOUND_KIB: u64 = 8 * 1024;
+/// Completed throughput must be at least this share of the capacity. What the policy
+/// promises: it admits a request whenever a slot is free and the request would meet its SLO
+/// (a full batch does), and at 5x overload the next request arrives about 10 ms after a slot
+/// frees (1 / 103 req/s) against a service of about 0.4 s, so the slots stay busy over 97 %
+/// of the time; the capacity formula itself (every other prefill stalling the batch once) is
+/// within a few % of what the experts do. Measured: 106, 107, 107 % at CI scale (debug,
+/// 2026-12-07, machine shared), 107 % on 2026-11-24, 103 % at `--long` (release). 0.9 leaves
+/// 13 points below the lowest measurement for a busier machine. It was 0.5 (no collapse).
+const GOODPUT_FLOOR: f64 = 0.9;
 
 /// A 7B-class expert on a mid-range GPU: 4 slots, 25 steps/s alone.
 fn profile(name: &str) -> ExpertProfile {
@@ -71,15 +86,15 @@ fn capacity_per_s(p: &ExpertProfile) -> f64 {
 /// Asserts: every request ends exactly once (nothing lost, nothing duplicated); every one not
 /// served got an explicit refusal, `overloaded` (shed at `max_in_flight`) or `no_expert` (the
 /// policy's: it would miss its SLO), and refusals are most of the traffic; the completed
-/// throughput stays at least half the capacity (no collapse) and under 1.3x it (what the
-/// experts can do); **SLO attainment among admitted requests** (completed requests whose
+/// throughput stays at least 0.9x the capacity (the slots stay busy, `GOODPUT_FLOOR`) and under
+/// 1.3x it (what the experts can do); **SLO attainment among admitted requests** (completed requests whose
 /// gateway-measured seconds per token, from receipt to the last token over the tokens, met
 /// the SLO) is at least 80 %, and 98 % of them come within 10 % of the SLO: the router admits
 /// a request only when it predicts the SLO is met, so what it admits misses only by its
 /// prediction error (measured: 87-97 % strict attainment, misses at 16-17 ms/token against
 /// 16, the busier the machine the more);
-/// resident memory stays within 48 MiB of its level at the start (the places bound what
-/// requests hold); the daemon exits 0 on SIGTERM.
+/// resident memory stays within 8 MiB of its level at the start (the places bound what
+/// requests hold; measured 2.7-3.8 MiB, see `RSS_BOUND_KIB`); the daemon exits 0 on SIGTERM.
 pub async fn overload(scale: Scale) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut report = Report::new(5, "overload", scale);
@@ -189,8 +204,11 @@ pub async fn overload(scale: Scale) -> anyhow::Result<Report> {
         format!("{} refused of {}", shed + rejected, s.requests),
     );
     report.check(
-        "no collapse: completed throughput at least half the capacity",
-        goodput >= 0.5 * capacity,
+        format!(
+            "the slots stay busy: completed throughput at least {:.0} % of the capacity",
+            GOODPUT_FLOOR * 100.0
+        ),
+        goodput >= GOODPUT_FLOOR * capacity,
         format!("{goodput:.1} req/s, capacity {capacity:.1}"),
     );
     report.check(

@@ -47,6 +47,15 @@ const PROBES: usize = 3;
 /// chat template, the other core's load).
 const STEP_TOLERANCE: f64 = 0.15;
 const TTFT_TOLERANCE: f64 = 0.25;
+/// The real server meets its SLO for at least this share of the requests it completes.
+/// Measured: 15-37 % in five runs before the impact estimator counted the prefill still ahead
+/// of a request without a token (core/src/forecast.rs, the planner issue's corrections); after
+/// them, with issue 19's calibration changes, 74.0 % (50 requests, CI scale) and 74.7 % (367
+/// requests, `--long`; 72 misses in the first third, 5 in the last), 2026-12-07, release
+/// build, the 2-core machine saturated by two other engineers' builds and the suite's long
+/// runs. The floor keeps what the correction bought with 24 points of margin for a busier
+/// machine (the server runs on one thread of the same two cores).
+const REAL_SLO_FLOOR: f64 = 0.5;
 
 /// One streamed request straight to the server, with the prompt a device sends (request
 /// `tag`).
@@ -311,6 +320,18 @@ pub async fn real_expert(scale: Scale) -> anyhow::Result<Report> {
         "the real expert served at least 10 requests, each streamed",
         served_real.len() >= 10 && streamed == served_real.len(),
         format!("{} served, {streamed} with chunks", served_real.len()),
+    );
+    let real_share = s.experts.iter().find(|e| e.name == REAL);
+    report.check(
+        format!(
+            "the real server met its SLO for at least {} of its requests",
+            percent(REAL_SLO_FLOOR)
+        ),
+        real_share.is_some_and(|e| 1.0 - e.slo_violation_rate >= REAL_SLO_FLOOR),
+        real_share.map_or_else(
+            || "it completed none".into(),
+            |e| format!("{} of {}", percent(1.0 - e.slo_violation_rate), e.completed),
+        ),
     );
     report.check(
         format!(
