@@ -9,6 +9,7 @@ mod interference;
 mod plot;
 mod profile;
 mod real_site;
+mod stats;
 mod table;
 mod top;
 mod train;
