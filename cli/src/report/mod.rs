@@ -476,6 +476,8 @@ fn run_experiment(
     };
     let seeds = seeds.or(e.seeds.as_deref()).unwrap_or("1");
     let load_before = load_average();
+    // The tree the experiment starts from (commits made while it runs do not count).
+    let commit_at_start = commit(root);
     let started = Instant::now();
     let mut runs = Vec::new();
     let mut already_ran: Vec<String> = Vec::new();
@@ -525,7 +527,7 @@ fn run_experiment(
         kind: e.kind,
         provenance: Provenance {
             date: today(),
-            commit: commit(root),
+            commit: commit_at_start,
             machine: machine(load_before),
             seconds: Some((started.elapsed().as_secs_f64() * 10.0).round() / 10.0),
             note: None,
