@@ -9,6 +9,8 @@ mod interference;
 mod plot;
 mod profile;
 mod real_site;
+mod report;
+mod stats;
 mod table;
 mod top;
 mod train;
@@ -62,6 +64,10 @@ enum Command {
     /// A live terminal view of a running gateway from its metrics endpoint: decisions per
     /// second, outcomes, QoS, SLO misses and each expert's load (`--once`: one frame).
     Top(top::TopArgs),
+    /// Every published number from one list (docs/results/experiments.toml): run the
+    /// experiments and keep their JSON, redraw the tables from it, check that the committed
+    /// tables match, or run each fast experiment's reduced form.
+    Report(report::ReportArgs),
 }
 
 /// Inputs every simulation needs.
@@ -150,6 +156,7 @@ fn main() -> ExitCode {
         Command::Interference(args) => interference::run(args),
         Command::Validate(args) => validate::run(args),
         Command::Top(args) => top::run(args),
+        Command::Report(args) => report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,8 +3,8 @@
 
 use qosroute_sim::RunReport;
 
-use crate::compare::PolicySummary;
 use crate::demo::RouterSummary;
+use crate::stats::PolicySummary;
 
 fn pct(v: f64) -> String {
     if v.is_nan() {

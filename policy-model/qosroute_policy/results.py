@@ -1,5 +1,9 @@
 """Markdown tables of evaluations (the JSON files of scripts/evaluate-model.sh).
 
+The published tables come from `qosroute report` (docs/results/, from its kept JSON); this module
+prints the same kind of tables for folders of your own (new models, variants, planner settings)
+while you work. Standard deviations are sample ones (ddof = 1), as everywhere in qosroute.
+
 One model, every policy per scenario:
 
     python -m qosroute_policy.results policy-model/models/han
@@ -169,12 +173,12 @@ def variants_table(variants):
                     slo.append(r["slo_violation_rate"])
                     paired.append(r["avg_qos"] - runs["qos-greedy"][seed]["avg_qos"])
             all_gains[label] += paired
-            cells.append(f"{np.mean(qos):.4f} ± {np.std(qos):.4f} ({100 * np.mean(slo):.1f} %)")
+            cells.append(f"{np.mean(qos):.4f} ± {np.std(qos, ddof=1):.4f} ({100 * np.mean(slo):.1f} %)")
             gains.append(f"{np.mean(paired):+.4f} ({sum(g > 0 for g in paired)}/{len(paired)})")
         def summary(policy):
             q = [r["avg_qos"] for r in base[policy].values()]
             s = [r["slo_violation_rate"] for r in base[policy].values()]
-            return f"{np.mean(q):.4f} ± {np.std(q):.4f} ({100 * np.mean(s):.1f} %)"
+            return f"{np.mean(q):.4f} ± {np.std(q, ddof=1):.4f} ({100 * np.mean(s):.1f} %)"
         others = [p for p in base if p not in ("learned", "qos-greedy") and is_baseline(p)]
         best = max(others, key=lambda p: np.mean([r["avg_qos"] for r in base[p].values()]))
         lines.append(f"| {title} | " + " | ".join(cells) + f" | {summary('qos-greedy')} | {best}: {summary(best)} |")
@@ -233,7 +237,7 @@ def heldout_tables(directory, variants):
         def cell(per_seed_runs):
             q = [r["avg_qos"] for r in per_seed_runs]
             v = [r["slo_violation_rate"] for r in per_seed_runs]
-            return f"{np.mean(q):.4f} ± {np.std(q):.4f} ({100 * np.mean(v):.1f} %)", np.mean(q), np.mean(v)
+            return f"{np.mean(q):.4f} ± {np.std(q, ddof=1):.4f} ({100 * np.mean(v):.1f} %)", np.mean(q), np.mean(v)
 
         g_cell, g_q, g_v = cell(greedy.values())
         p_cell, p_q, p_v = cell(planner.values())

@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod predict;
 pub mod quality;
+pub mod record;
 pub mod simulation;
 pub mod slowdown;
 pub mod trace;

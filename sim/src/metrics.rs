@@ -6,7 +6,7 @@ use std::sync::Arc;
 use qosroute_core::{ExpertProfile, Task};
 use serde::Serialize;
 
-use crate::simulation::RequestRecord;
+use crate::record::RequestRecord;
 
 /// Nearest-rank percentiles (NaN, written as `null`, when there is no sample).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
