@@ -89,11 +89,7 @@ fn run() -> anyhow::Result<bool> {
     } else {
         args.scenario.clone()
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = runtime()?;
     println!(
         "qosroute-hil: scenarios {numbers:?} at {} scale, daemon {}",
         scale.name(),
@@ -129,13 +125,18 @@ fn run() -> anyhow::Result<bool> {
     Ok(errors.is_empty() && reports.iter().all(Report::passed))
 }
 
-/// The soak run: every sample as it is taken, then the report.
-fn soak(seconds: f64, json: Option<&std::path::Path>) -> anyhow::Result<bool> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// The suite's async runtime (two workers, as the scenarios assume).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
+        .context("cannot start the async runtime")
+}
+
+/// The soak run: every sample as it is taken, then the report.
+fn soak(seconds: f64, json: Option<&std::path::Path>) -> anyhow::Result<bool> {
+    let runtime = runtime()?;
     println!(
         "qosroute-hil: soak of {seconds:.0} s of the conversation trace in real time, daemon {}, a sample every {} s",
         qosroute_hil::daemon_binary().display(),
