@@ -53,9 +53,10 @@ const TTFT_TOLERANCE: f64 = 0.25;
 /// them, with issue 19's calibration changes, 74.0 % (50 requests, CI scale) and 74.7 % (367
 /// requests, `--long`; 72 misses in the first third, 5 in the last), 2026-12-07, release
 /// build, the 2-core machine saturated by two other engineers' builds and the suite's long
-/// runs. The floor keeps what the correction bought with 24 points of margin for a busier
-/// machine (the server runs on one thread of the same two cores).
-const REAL_SLO_FLOOR: f64 = 0.5;
+/// runs; and 52.7 % (55 requests, CI scale, the debug build CI runs,
+/// `scripts/real-engine.sh ci`). The floor sits above every run before the correction and
+/// 12 points under the lowest after it (the server runs on one thread of the same two cores).
+const REAL_SLO_FLOOR: f64 = 0.4;
 
 /// One streamed request straight to the server, with the prompt a device sends (request
 /// `tag`).
