@@ -17,7 +17,6 @@ use anyhow::Context;
 use qosroute_core::OnnxPolicy;
 use qosroute_expert_client::{ExpertClient, ExpertEndpoint, Timeouts};
 use qosroute_proto::{self as proto, Encoding, ErrorCode};
-use qosroute_telemetry::HostSample;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -26,11 +25,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{DeviceRateLimiter, RecentAnswers, RecentRequests, Seen};
 use crate::config::Config;
-use crate::link::{self, Incoming, Lane, Link};
+use crate::link::{self, Incoming, Lane};
 use crate::metrics::{Metrics, Outcome};
 use crate::router::Router;
 use crate::router_thread::RouterThread;
 use crate::serve::{self, ReplyRoute};
+use crate::shared::Shared;
 use crate::topics::{self, TopicKind};
 
 mod watch;
@@ -40,66 +40,6 @@ use watch::{check_experts, check_round, sample_host};
 /// far more than the broker can redeliver (its receive maximum is at most 65,535, twice
 /// `max_in_flight` by default) at a few MB.
 const REMEMBERED_REQUESTS: usize = 65_536;
-
-/// State shared by every task.
-#[derive(Debug)]
-pub struct Shared {
-    config: RwLock<Arc<Config>>,
-    /// The decision maker and its books, on their own thread.
-    pub router: RouterThread,
-    clients: RwLock<HashMap<String, ExpertClient>>,
-    /// The MQTT link.
-    pub link: Link,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Cancelled when in-flight requests must stop (drain deadline passed).
-    pub cut: CancellationToken,
-    next_key: AtomicU64,
-    answered: std::sync::Mutex<RecentAnswers>,
-    /// The last host telemetry sample (only taken while an expert is local).
-    host: std::sync::Mutex<Option<HostSample>>,
-    /// Requests seen recently (duplicate suppression), with whether each is still in flight.
-    recent: std::sync::Mutex<RecentRequests>,
-    /// Requests being served: the places `admission.max_in_flight` bounds.
-    serving: AtomicUsize,
-}
-
-impl Shared {
-    /// The configuration in force.
-    pub fn config(&self) -> Arc<Config> {
-        match self.config.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// A fresh internal request key.
-    pub fn next_key(&self) -> u64 {
-        self.next_key.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// The HTTP client of an expert, by name.
-    pub fn client(&self, name: &str) -> Option<ExpertClient> {
-        let clients = match self.clients.read() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        clients.get(name).cloned()
-    }
-
-    fn recent(&self) -> std::sync::MutexGuard<'_, RecentRequests> {
-        self.recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Remembers which expert answered a device's request, for its feedback.
-    pub fn answered(&self, device: &str, id: &str, expert: &str, task: qosroute_core::Task) {
-        if let Ok(mut answers) = self.answered.lock() {
-            answers.answered(device, id, expert.into(), task);
-        }
-    }
-}
 
 fn timeouts(config: &Config) -> Timeouts {
     let t = &config.timeouts;

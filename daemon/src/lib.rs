@@ -14,4 +14,5 @@ pub mod prediction_error;
 pub mod router;
 pub mod router_thread;
 pub mod serve;
+pub mod shared;
 pub mod topics;

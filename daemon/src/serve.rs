@@ -10,12 +10,12 @@ use qosroute_expert_client::{ChatRequest, ExpertError, StreamEvent};
 use qosroute_proto::{self as proto, Encoding, ErrorCode};
 use tokio::time::Instant;
 
-use crate::daemon::Shared;
 use crate::ledger::{Dispatched, TokenCount};
 use crate::link::{Delivery, Lane, Outgoing};
 use crate::metrics::Outcome;
 use crate::prediction_error::PredictedLatency;
 use crate::router::{Router, Routing};
+use crate::shared::Shared;
 
 /// Where and how replies to one request go.
 #[derive(Debug, Clone)]

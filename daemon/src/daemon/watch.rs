@@ -9,8 +9,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
 use crate::config::Config;
+use crate::shared::Shared;
 
 /// Health-checks every expert each `telemetry.scrape_interval_s` (the first round ran before
 /// the broker link started).
