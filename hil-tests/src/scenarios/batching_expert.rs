@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use qosroute_core::{LatencyModel, SloTable, Task};
+use qosroute_core::{LatencyModel, Task};
 use qosroute_expert_client::{ChatRequest, ExpertClient, ExpertEndpoint, ExpertKind, Timeouts};
 use qosroute_real_engine::{BatchingEngine, BatchingOptions, LlamaServer, SERVED_MODEL};
 use qosroute_swarm::{Outcome, RequestRecord, Swarm, unique_prompt};
@@ -17,7 +17,7 @@ use super::direct::{Measured, emulated, exported_model, mean, measure, relative_
 use super::{finish_daemon, probe};
 use crate::Scale;
 use crate::report::{Report, percent};
-use crate::rig::{self, DaemonConfig, ExpertEntry};
+use crate::rig::{self, ExpertEntry};
 
 /// The real expert's name in the daemon's configuration.
 const REAL: &str = "smollm2-batching";
@@ -313,24 +313,15 @@ pub async fn batching_expert(scale: Scale) -> anyhow::Result<Report> {
     let mut entries = vec![real];
     entries.extend(experts.iter().map(|e| e.entry(&quality)));
     let site = "hil-batching";
-    let mut config = DaemonConfig::new(
+    let config = super::direct::real_engine_daemon(
         site,
-        &broker.url(),
         "qosrouted-hil-batching",
-        &SloTable {
-            default_s_per_token: SLO_S,
-            per_task: Default::default(),
-        },
-        1.0,
+        &broker.url(),
+        SLO_S,
         entries,
+        0.5,
+        PRIOR_WEIGHT,
     );
-    config.session_expiry_s = 0;
-    config.policy = rig::Policy::Baseline("qos-greedy");
-    config.scrape_interval_s = 0.5;
-    config.stale_after_s = 10.0;
-    config.first_token_s = 30.0;
-    config.between_tokens_s = 10.0;
-    config.calibration_prior_weight = PRIOR_WEIGHT;
     let mut daemon = rig::start_daemon(&config);
     let mut names = vec![REAL];
     names.extend(EMULATED);

@@ -9,7 +9,7 @@ use qosroute_expert_client::{ChatRequest, ExpertClient};
 use qosroute_sim::{Catalogue, QualityTable};
 use tokio::time::Instant;
 
-use crate::rig::Expert;
+use crate::rig::{self, DaemonConfig, Expert, ExpertEntry};
 
 /// The emulated experts `names` of `catalogue` beside the real one, at their hardware's speed
 /// (real time), seeded from `seed`.
@@ -107,4 +107,38 @@ pub(super) fn exported_model(metrics: &str, expert: &str) -> Option<LatencyModel
         decode_d_s_per_seq: value("qosroute_expert_decode_d_seconds_per_sequence")?,
         decode_e_s_per_ctx_token: value("qosroute_expert_decode_e_seconds_per_context_token")?,
     })
+}
+
+/// The daemon of a scenario with a real engine (9 and 10): `qos-greedy` (the learned router is
+/// not what these check), one SLO for every task, a clean session, generous token timeouts (a
+/// CPU engine's prefill takes seconds), experts stale after 10 s without an answer, and the
+/// calibrator's prior worth `prior_weight` observations.
+pub(crate) fn real_engine_daemon(
+    site: &str,
+    client_id: &str,
+    broker_url: &str,
+    slo_s_per_token: f64,
+    entries: Vec<ExpertEntry>,
+    scrape_interval_s: f64,
+    prior_weight: f64,
+) -> DaemonConfig {
+    let mut config = DaemonConfig::new(
+        site,
+        broker_url,
+        client_id,
+        &qosroute_core::SloTable {
+            default_s_per_token: slo_s_per_token,
+            per_task: Default::default(),
+        },
+        1.0,
+        entries,
+    );
+    config.session_expiry_s = 0;
+    config.policy = rig::Policy::Baseline("qos-greedy");
+    config.scrape_interval_s = scrape_interval_s;
+    config.stale_after_s = 10.0;
+    config.first_token_s = 30.0;
+    config.between_tokens_s = 10.0;
+    config.calibration_prior_weight = prior_weight;
+    config
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use qosroute_core::{LatencyModel, SloTable, Task};
+use qosroute_core::{LatencyModel, Task};
 use qosroute_expert_client::{ChatRequest, ExpertClient, ExpertEndpoint, ExpertKind};
 use qosroute_real_engine::{Engine, LlamaServer, SERVED_MODEL, ServerOptions};
 use qosroute_swarm::{Outcome, Swarm, unique_prompt};
@@ -14,7 +14,7 @@ use super::direct::{Measured, emulated, exported_model, mean, measure, relative_
 use super::{finish_daemon, probe};
 use crate::Scale;
 use crate::report::{Report, percent};
-use crate::rig::{self, DaemonConfig, ExpertEntry};
+use crate::rig::{self, ExpertEntry};
 
 /// The real expert's name in the daemon's configuration.
 const REAL: &str = "smollm2-local";
@@ -156,26 +156,17 @@ pub async fn real_expert(scale: Scale) -> anyhow::Result<Report> {
     let mut entries = vec![real];
     entries.extend(experts.iter().map(|e| e.entry(&quality)));
     let site = "hil-real";
-    let mut config = DaemonConfig::new(
+    // The server's /v1/models does not answer while it prefills: check every second (stale
+    // only after 10 s without an answer).
+    let config = super::direct::real_engine_daemon(
         site,
-        &broker.url(),
         "qosrouted-hil-real",
-        &SloTable {
-            default_s_per_token: SLO_S,
-            per_task: Default::default(),
-        },
-        1.0,
+        &broker.url(),
+        SLO_S,
         entries,
+        1.0,
+        PRIOR_WEIGHT,
     );
-    config.session_expiry_s = 0;
-    config.policy = rig::Policy::Baseline("qos-greedy");
-    // The server's /v1/models does not answer while it prefills: check every second and call
-    // an expert stale only after 10 s without an answer.
-    config.scrape_interval_s = 1.0;
-    config.stale_after_s = 10.0;
-    config.first_token_s = 30.0;
-    config.calibration_prior_weight = PRIOR_WEIGHT;
-    config.between_tokens_s = 10.0;
     let mut daemon = rig::start_daemon(&config);
     let mut names = vec![REAL];
     names.extend(EMULATED);
