@@ -45,9 +45,11 @@
 //! sum_i lambda^(n-i) * w_i * (y_i - z_i . theta)^2  +  (theta - theta_0)' W_n (theta - theta_0)
 //! ```
 //!
-//! where `lambda` is [`CalibratorSettings::forgetting`], `W_0 = prior_weight * I` (the
+//! where `lambda` is [`CalibratorSettings::forgetting`], `W_0 = prior_weight * S` (the
 //! configured model is worth [`CalibratorSettings::prior_weight`] pseudo-observations at the
-//! start) and the prior's weight decays like the data's,
+//! start, each of information `S`: the identity for the decode step, the mean `z z'` of
+//! prompts spread evenly over 0-512 tokens for the prefill, below) and the prior's weight
+//! decays like the data's,
 //! `W_n = lambda * W_{n-1} + (1 - lambda) * floor * I`, toward
 //! [`CalibratorSettings::prior_floor_weight`]. The floor keeps the system invertible and a
 //! coefficient that no observation has excited exactly at its prior (e.g. `d` on an expert
@@ -69,8 +71,22 @@
 //!   `theta = (a / u, prefill_tok_s_prior / prefill_tok_s)`, so the prior is
 //!   `(a_prior / u, 1)` (`(0, 1)` in every catalogue without an overhead). Both unknowns are
 //!   shares of the prior's reference prefill time, so the prior weight means the same for
-//!   both and every expert: as many pseudo-observations of an empty prompt taking `a_prior`
-//!   as of a 512-token prompt's per-token part taking the prior's time. (The decode step's
+//!   both and every expert. A pseudo-observation is a prompt of 0 to 512 tokens taking the
+//!   prior's time, spread evenly: information `S = [[1, 1/2], [1/2, 1/3]]` (the mean of
+//!   `z z'`), under which the overhead's part and the per-token time are independent at the
+//!   mean prompt, 256 tokens. Before (`S = I`: pseudo-observations of an empty prompt and of a
+//!   512-token prompt's per-token part), a prior weight of 2 held the per-token time, given
+//!   the overhead, as firmly as about 40 observations of prompts of 32 and 256 tokens (each
+//!   informs it by the variance of `p / 512`, 0.048), and HIL scenario 10's calibrated time
+//!   to first token stayed 28-45 % off the server's (run G's observations replayed with `S`
+//!   as now: 19 %, against 38 % in the run). Measured over 1,000 random priors and
+//!   truths (rate 0.2-5 times the prior's, overhead 0-4 `t0`; `experiment_prefill_prior_early`)
+//!   at the default weight 10, median / p95 mean relative prefill-time error after 50
+//!   observations, `I` then `S`: prompts of 16-2,016 tokens 7.1 / 33.3 % then 6.8 / 54.6 %,
+//!   16-256 tokens 17.6 / 70.0 % then 10.7 / 41.8 %, 32 and 256 alternately 35.9 / 137 %
+//!   then 13.1 / 63.5 %; with the prior right, 0.6-0.9 / 1.9-13.4 % then 0.6-1.1 /
+//!   2.2-22.4 %. The cost: a weaker hold on the overhead where long prompts' noise moves it
+//!   (the p95 of the widest mix), and on a right prior. (The decode step's
 //!   convention, the overhead in units of its own reference `A` below, would give it an
 //!   information of `(A / u)^2` per observation against the same prior weight, at most 0.12
 //!   on the catalogues of `configs/` and 0.0004 on the slowest: with a true overhead of 30 ms,
@@ -151,6 +167,16 @@ use crate::expert::{ExpertProfile, LatencyModel};
 /// Prompt length whose prefill is the unit of the prefill fit (the prior weight counts
 /// pseudo-observations of prompts this long).
 pub const REFERENCE_PROMPT_TOKENS: f64 = 512.0;
+/// The information one pseudo-observation of the prefill prior carries, in the normalised
+/// coordinates `z = (1, p / 512)`: the mean of `z z'` over prompts spread evenly over
+/// `0..=512` tokens (`E[1] = 1`, `E[p / 512] = 1 / 2`, `E[(p / 512)^2] = 1 / 3`). The prior
+/// speaks of the prefill times of prompts like the ones an expert serves, not of its overhead
+/// and of its per-token time one by one: it holds what the observations pin least.
+const PREFILL_PSEUDO_OBSERVATION: [[f64; 2]; 2] = [[1.0, 0.5], [0.5, 1.0 / 3.0]];
+/// The information one pseudo-observation of the decode prior carries: one unit on each
+/// normalised coefficient.
+const DECODE_PSEUDO_OBSERVATION: [[f64; 3]; 3] =
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
 /// Shortest time an observation may report, seconds (100 ns); shorter is rejected as
 /// implausible.
 pub const MIN_SECONDS: f64 = 1.0e-7;
@@ -533,8 +559,16 @@ impl LatencyCalibrator {
             decode_scale,
             decode_bounds,
             decode_prior,
-            prefill: Rls::new(prefill_prior, settings.prior_weight),
-            decode: Rls::new(decode_prior, settings.prior_weight),
+            prefill: Rls::new(
+                prefill_prior,
+                settings.prior_weight,
+                &PREFILL_PSEUDO_OBSERVATION,
+            ),
+            decode: Rls::new(
+                decode_prior,
+                settings.prior_weight,
+                &DECODE_PSEUDO_OBSERVATION,
+            ),
             prefill_run: ClippedRun::default(),
             decode_run: ClippedRun::default(),
             counts: CalibrationCounts::default(),
@@ -735,8 +769,11 @@ impl LatencyCalibrator {
             // Both coefficients are times (the overhead and the time per token): a slower
             // expert takes `factor` times each, from the model handed out now.
             let current = self.prefill.box_optimum(&self.prefill_bounds);
-            self.prefill
-                .restart_at(current.map(|c| c * factor), REGIME_RESTART_WEIGHT);
+            self.prefill.restart_at(
+                current.map(|c| c * factor),
+                REGIME_RESTART_WEIGHT,
+                &PREFILL_PSEUDO_OBSERVATION,
+            );
             self.counts.regime_changes += 1;
         }
         Ok(())
@@ -822,7 +859,8 @@ impl LatencyCalibrator {
                     self.decode_prior[i],
                 ) * factor
             });
-            self.decode.restart_at(current, REGIME_RESTART_WEIGHT);
+            self.decode
+                .restart_at(current, REGIME_RESTART_WEIGHT, &DECODE_PSEUDO_OBSERVATION);
             self.counts.regime_changes += 1;
         }
         Ok(())

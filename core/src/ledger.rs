@@ -29,9 +29,11 @@
 //! # What online calibration reads from it
 //!
 //! - [`ExpertLedger::mean_running_since_first_token`]: the batch (requests holding a slot)
-//!   and its context, averaged over time from a request's first token to now. A request's
-//!   mean time between tokens is a decode step at the batch it *lived* with, not at the
-//!   batch left when it ends.
+//!   and its context, averaged over time from a request's first token to now, leaving out
+//!   the time a prefill was pending (a request holding a slot without its first token), as
+//!   the daemon leaves those stalls out of the answer's mean step. A request's mean time
+//!   between tokens is a decode step at the batch it *lived* with, not at the batch left
+//!   when it ends.
 //! - [`ExpertLedger::own_prefill_since_s`]: when a request's own prefill started: when it took
 //!   its slot, or when the last request ahead of it that was still prefilling then got its
 //!   first token (the latency model's time to first token is the prefill ahead, then its
@@ -118,14 +120,27 @@ pub fn foreign_in_flight(i: usize) -> InFlight {
     }
 }
 
-/// Time integrals of what holds the expert's slots in the ledger's view: piecewise constant
-/// between the ledger's events (a dispatch, a first token, a finish).
+/// Time integrals of the batch decoding on the expert in the ledger's view, over the time no
+/// prefill was pending (no request holding a slot was without its first token): piecewise
+/// constant between the ledger's events (a dispatch, a first token, a finish).
+///
+/// A prefill is left out because a decode step observation leaves it out: while an engine
+/// runs a prompt's prefill the running sequences stall (or decode one token in the prefill's
+/// long iteration, as llama.cpp does), and the daemon takes those gaps out of an answer's
+/// mean step (its stalls). Counting the prompt in the batch through its wait and prefill
+/// would put a batch one larger than the one that decoded on the stall's share of the
+/// answer (measured in HIL scenario 10: answers on a 4-slot server spend a quarter to a third
+/// of their time behind other prompts' prefills).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RunningIntegrals {
-    /// ∫ requests holding a slot dt, request-seconds.
+    /// ∫ requests holding a slot dt over the time no prefill was pending, request-seconds
+    /// (all of them are decoding then).
     pub requests_s: f64,
-    /// ∫ their context (prompt plus tokens streamed back as last recorded) dt, token-seconds.
+    /// ∫ their context (prompt plus tokens streamed back as last recorded) dt over the same
+    /// time, token-seconds.
     pub context_s: f64,
+    /// The time no prefill was pending, seconds.
+    pub decoding_s: f64,
 }
 
 /// The requests a router has in flight on one expert, in dispatch order.
@@ -210,28 +225,32 @@ impl ExpertLedger {
         let dt = now_s - self.integrals_at_s;
         if dt > 0.0 {
             let running = &self.entries[..self.entries.len().min(self.max_slots)];
-            let context: f64 = running
-                .iter()
-                .map(|d| f64::from(d.prompt_tokens) + f64::from(d.generated_tokens))
-                .sum();
-            self.integrals.requests_s += running.len() as f64 * dt;
-            self.integrals.context_s += context * dt;
+            if running.iter().all(|d| d.first_token_s.is_some()) {
+                let context: f64 = running
+                    .iter()
+                    .map(|d| f64::from(d.prompt_tokens) + f64::from(d.generated_tokens))
+                    .sum();
+                self.integrals.requests_s += running.len() as f64 * dt;
+                self.integrals.context_s += context * dt;
+                self.integrals.decoding_s += dt;
+            }
             self.integrals_at_s = now_s;
         }
     }
 
-    /// The requests holding a slot and their context, each averaged over time from request
-    /// `id`'s first token to `now_s` (which settles the integrals up to `now_s`); `None`
-    /// before its first token, for an unknown request, or when no time has passed.
+    /// The requests decoding and their context, each averaged over the time from request
+    /// `id`'s first token to `now_s` during which no prefill was pending (see
+    /// [`RunningIntegrals`]; this settles the integrals up to `now_s`); `None` before its
+    /// first token, for an unknown request, or when no such time has passed.
     pub fn mean_running_since_first_token(
         &mut self,
         id: RequestId,
         now_s: f64,
     ) -> Option<(f64, f64)> {
-        let since = self.entries.iter().find(|d| d.id == id)?.first_token_s?;
+        self.entries.iter().find(|d| d.id == id)?.first_token_s?;
         let mark = self.first_token_marks.iter().find(|(m, _)| *m == id)?.1;
         self.settle_integrals(now_s);
-        let dt = self.integrals_at_s - since;
+        let dt = self.integrals.decoding_s - mark.decoding_s;
         (dt > 0.0).then(|| {
             (
                 (self.integrals.requests_s - mark.requests_s) / dt,
@@ -454,17 +473,19 @@ mod tests {
             "no token yet"
         );
         assert!(l.tokens(1, 1, 2.0));
-        // 2..4: requests 1 and 2 (context 101 + 100); 4..5: request 1 alone (101);
-        // 5..6: requests 1 and 3 (101 + 100).
+        assert!(l.tokens(2, 1, 2.0));
+        // 2..4: requests 1 and 2 (context 101 + 101); 4..5: request 1 alone (101);
+        // 5..6: requests 1 and 3 (101 + 101), 3 with its first token at 5.
         assert!(l.finish(2, 4.0).is_some());
         l.dispatch(entry(3, 5.0), 5.0);
+        assert!(l.tokens(3, 1, 5.0));
         let (batch, context) = l.mean_running_since_first_token(1, 6.0).unwrap();
         assert!(
             (batch - (2.0 * 2.0 + 1.0 + 2.0) / 4.0).abs() < 1e-12,
             "{batch}"
         );
         assert!(
-            (context - (201.0 * 2.0 + 101.0 + 201.0) / 4.0).abs() < 1e-9,
+            (context - (202.0 * 2.0 + 101.0 + 202.0) / 4.0).abs() < 1e-9,
             "{context}"
         );
         // The batch left at the end (2) is not the batch the answer lived with (1.75).
@@ -478,7 +499,46 @@ mod tests {
         let (batch, _) = l.mean_running_since_first_token(1, 7.0).unwrap();
         assert!((batch - (7.0 + 2.0) / 5.0).abs() < 1e-12, "{batch}");
         assert!(l.finish(1, 7.0).is_some());
+        assert!(l.first_token_marks.iter().all(|(m, _)| *m == 3));
+        assert!(l.finish(3, 7.0).is_some());
         assert!(l.first_token_marks.is_empty());
+    }
+
+    #[test]
+    fn a_pending_prefill_is_left_out_of_the_decode_batch() {
+        let mut l = ExpertLedger::new(4, 0.0);
+        l.dispatch(entry(1, 0.0), 0.0);
+        assert!(l.tokens(1, 1, 1.0));
+        // 1..3: request 1 decodes alone. 3..4: request 2 holds a slot without a token (its
+        // wait and prefill: request 1 stalls, and its stall is no decode step). 4..6: both
+        // decode (context 101 + 101).
+        l.dispatch(entry(2, 3.0), 3.0);
+        assert_eq!(
+            l.mean_running_since_first_token(1, 3.5),
+            Some((1.0, 101.0)),
+            "only the time before the prefill counts"
+        );
+        assert!(l.tokens(2, 1, 4.0));
+        let (batch, context) = l.mean_running_since_first_token(1, 6.0).unwrap();
+        // Over the 4 s without a pending prefill: 2 s at 1, 2 s at 2.
+        assert!((batch - 1.5).abs() < 1e-12, "{batch}");
+        assert!((context - (2.0 * 101.0 + 2.0 * 202.0) / 4.0).abs() < 1e-9);
+        // A request waiting for a slot is not a pending prefill: with every slot decoding,
+        // time counts.
+        let mut full = ExpertLedger::new(1, 0.0);
+        full.dispatch(entry(1, 0.0), 0.0);
+        assert!(full.tokens(1, 1, 1.0));
+        full.dispatch(entry(2, 1.0), 1.0);
+        assert_eq!(
+            full.mean_running_since_first_token(1, 3.0),
+            Some((1.0, 101.0))
+        );
+        // A prefill pending since the first token: no decoding time, no observation.
+        let mut busy = ExpertLedger::new(2, 0.0);
+        busy.dispatch(entry(1, 0.0), 0.0);
+        busy.dispatch(entry(2, 0.5), 0.5);
+        assert!(busy.tokens(1, 1, 1.0));
+        assert_eq!(busy.mean_running_since_first_token(1, 2.0), None);
     }
 
     #[test]

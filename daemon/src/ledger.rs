@@ -391,8 +391,9 @@ impl Ledger {
         entry.slot_since_s.map(|s| self.instant(s))
     }
 
-    /// Requests holding a slot of expert `e` and their context, averaged over time from
-    /// request `key`'s first token to `now` (see [`ExpertLedger::mean_running_since_first_token`]).
+    /// Requests decoding on expert `e` and their context, averaged over the time from request
+    /// `key`'s first token to `now` without a pending prefill (see
+    /// [`ExpertLedger::mean_running_since_first_token`]).
     pub fn mean_running_since_first_token(
         &mut self,
         e: usize,

@@ -652,7 +652,8 @@ mod tests {
     }
 
     /// A decode step is learned at the batch the answer lived with: one answer that decoded
-    /// alone for 3 s and beside another for 1 s is a step at a batch of 1.25.
+    /// alone for 3 s and beside another for 1 s (after the other's prefill, left out) is a
+    /// step at a batch of 1.25.
     #[tokio::test(start_paused = true)]
     async fn a_decode_step_is_learned_at_the_batch_averaged_over_the_answer() {
         let epoch = Instant::now();
@@ -664,17 +665,19 @@ mod tests {
         lived.dispatch(0, dispatched(1, epoch));
         lived.ledger.tokens(0, 1, 1, epoch + s(1));
         lived.dispatch(0, dispatched(2, epoch + s(4)));
-        lived.observe_decode_step(0, 1, 0.03, epoch + s(5));
+        lived.ledger.tokens(0, 2, 1, epoch + s(5));
+        lived.observe_decode_step(0, 1, 0.03, epoch + s(6));
         let model = lived.latency_model(0).unwrap();
         let (batch, _) = lived
             .ledger
-            .mean_running_since_first_token(0, 1, epoch + s(5))
+            .mean_running_since_first_token(0, 1, epoch + s(6))
             .unwrap();
         assert!((batch - 1.25).abs() < 1e-12, "{batch}");
         // The same step observed at the batch left at the end (2) teaches something else.
         averaged.dispatch(0, dispatched(1, epoch));
         averaged.dispatch(0, dispatched(2, epoch));
         averaged.ledger.tokens(0, 1, 1, epoch + s(1));
+        averaged.ledger.tokens(0, 2, 1, epoch + s(1));
         averaged.observe_decode_step(0, 1, 0.03, epoch + s(5));
         assert_ne!(model, averaged.latency_model(0).unwrap());
         assert_ne!(model, config().profiles()[0].latency, "learned");

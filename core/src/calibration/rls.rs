@@ -18,13 +18,17 @@ pub(super) struct Rls<const N: usize> {
 }
 
 impl<const N: usize> Rls<N> {
-    pub(super) fn new(prior: [f64; N], weight: f64) -> Self {
+    /// Starts at `prior` with the information `weight * shape` (`shape`: the information
+    /// one pseudo-observation carries, e.g. the identity, or the mean `z z'` of the
+    /// observations it stands for).
+    pub(super) fn new(prior: [f64; N], weight: f64, shape: &[[f64; N]; N]) -> Self {
         let mut info = [[0.0; N]; N];
-        let mut info_y = [0.0; N];
-        for i in 0..N {
-            info[i][i] = weight;
-            info_y[i] = weight * prior[i];
+        for (row, shape_row) in info.iter_mut().zip(shape) {
+            for (cell, s) in row.iter_mut().zip(shape_row) {
+                *cell = weight * s;
+            }
         }
+        let info_y = mat_vec(&info, &prior);
         Self {
             info,
             info_y,
@@ -37,15 +41,15 @@ impl<const N: usize> Rls<N> {
     /// the prior's weight kept at `floor` at least; returns `false` (and changes nothing) if
     /// the result would not be finite.
     /// Forgets everything learned and starts again from `estimate`, worth `weight`
-    /// observations (a change of regime: the expert's speed changed).
-    #[allow(clippy::needless_range_loop)] // the matrix's index form reads best here
-    pub(super) fn restart_at(&mut self, estimate: [f64; N], weight: f64) {
-        for i in 0..N {
-            for j in 0..N {
-                self.info[i][j] = if i == j { weight } else { 0.0 };
+    /// pseudo-observations of information `shape` each (a change of regime: the expert's
+    /// speed changed).
+    pub(super) fn restart_at(&mut self, estimate: [f64; N], weight: f64, shape: &[[f64; N]; N]) {
+        for (row, shape_row) in self.info.iter_mut().zip(shape) {
+            for (cell, s) in row.iter_mut().zip(shape_row) {
+                *cell = weight * s;
             }
-            self.info_y[i] = weight * estimate[i];
         }
+        self.info_y = mat_vec(&self.info, &estimate);
         self.estimate = estimate;
     }
 
@@ -153,4 +157,13 @@ fn solve_spd<const N: usize>(a: &[[f64; N]; N], b: &[f64; N]) -> Option<[f64; N]
         x[i] = s / l[i][i];
     }
     x.iter().all(|v| v.is_finite()).then_some(x)
+}
+
+/// `m x`.
+fn mat_vec<const N: usize>(m: &[[f64; N]; N], x: &[f64; N]) -> [f64; N] {
+    let mut out = [0.0; N];
+    for (o, row) in out.iter_mut().zip(m) {
+        *o = row.iter().zip(x).map(|(a, b)| a * b).sum();
+    }
+    out
 }

@@ -210,6 +210,33 @@ fn an_overhead_beyond_its_clamp_is_held_there_and_the_rate_takes_the_rest() {
     assert!(valid(&m));
 }
 
+/// The prefill prior speaks of prompts spread over 0-512 tokens: its information is
+/// `w * [[1, 1/2], [1/2, 1/3]]`, under which the overhead's part and the per-token time are
+/// independent at the mean prompt (256 tokens), so one observation there moves the overhead
+/// alone. Orin prior (1,700 tokens/s, no overhead, `u` = 512 / 1700 s), weight 10: a 256-token
+/// prompt in twice the prior's time (y = 0.301176 s / u = 1, z = (1, 1/2), z . theta_0 = 1/2).
+/// After the update `R = 0.99 * 10 * M + z z' = [[10.9, 5.45], [5.45, 3.55]]` (the floor's
+/// 1e-8 aside), `theta = theta_0 + R^-1 z (y - z . theta_0)` with
+/// `R^-1 z = (3.55 - 5.45 / 2, -5.45 + 10.9 / 2) / 8.9925 = (0.091743, 0)`: the per-token time
+/// stays at the prior's and the overhead is `0.5 * 0.091743 * u = 13.815 ms`.
+#[test]
+fn the_prefill_prior_speaks_of_prompts_spread_over_the_reference_length() {
+    let mut cal = LatencyCalibrator::new(&orin()).unwrap();
+    cal.observe_prefill(256.0, 2.0 * 256.0 / 1700.0).unwrap();
+    let m = cal.model();
+    assert!(rel(m.prefill_tok_s, 1700.0) < 1e-6, "{m:?}");
+    let u = 512.0 / 1700.0;
+    assert!(
+        (m.prefill_overhead_s - 0.5 * 0.825 / 8.9925 * u).abs() < 1e-8,
+        "{m:?}"
+    );
+    // The mean prompt's prediction: the prior's 150.588 ms plus that overhead.
+    assert!(
+        rel(m.prefill_s(256.0), 0.150_588 + 0.013_815) < 1e-4,
+        "{m:?}"
+    );
+}
+
 #[test]
 fn one_prompt_length_learns_the_combination_within_bounds() {
     let check = |cal: &LatencyCalibrator| {
@@ -223,12 +250,14 @@ fn one_prompt_length_learns_the_combination_within_bounds() {
     // Only 600-token prompts, truth 0.08 + 600 / 1360 = 0.521176 s: a and the rate cannot
     // be told apart, but the time of 600 tokens is learned.
     let mut cal = LatencyCalibrator::new(&orin()).unwrap();
-    for _ in 0..2000 {
+    for _ in 0..3000 {
         cal.observe_prefill(600.0, 0.08 + 600.0 / 1360.0).unwrap();
     }
     let m = check(&cal);
     assert!(rel(m.prefill_s(600.0), 0.521_176_470_6) < 1e-8, "{m:?}");
-    // What is not observed stays at the prior: the estimate moves from the prior
+    // What is not observed stays at the prior: once the initial prior's weight has decayed
+    // (10 * 0.99^3000, 1e-12) its floor (1e-6 per coefficient) alone holds the direction no
+    // observation excites, so the estimate moves from the prior
     // theta = (a / u, k1 / k1_prior) = (0, 1) along z = (1, 600 / 512) only, by
     // (1.730469 - 1.171875) / |z|^2 = 0.235367 (u = 512 / 1700 s): a = 0.070887 s and
     // 1700 / (1 + 1.171875 * 0.235367) = 1332.48 tokens/s.
@@ -954,4 +983,91 @@ fn fewer_outliers_in_a_row_than_a_regime_change_move_the_model_a_little() {
         truth.decode_step_s(4.0, 3000.0),
     );
     assert!(got / want < 1.25, "{got} vs {want}");
+}
+
+/// How much the prior's shape costs or buys while it still matters: the prefill model after
+/// the first `n` observations (n = 5, 10, 25, 50, 100), over `CASES` random cases (default
+/// 2,000) of a prior (`prior_strategy`), a truth whose rate is 0.2-5 times the prior's with an
+/// overhead of 0-4 `t0` (half the cases 0) or the prior itself ("prior right"), noise of
+/// +-5 % times the time plus +-5 ms, at the default settings (prior weight 10) and at 2, for
+/// three prompt mixes: 16-2,016 tokens evenly, 16-256 tokens evenly (short IoT prompts),
+/// and 32 and 256 alternately (HIL scenario 10). Prints the median and p95 of the mean
+/// relative prefill time error over prompts drawn like the observations. Run with
+/// `cargo test --release -p qosroute-core --lib -- --ignored experiment_prefill_prior --nocapture`.
+#[test]
+#[ignore]
+fn experiment_prefill_prior_early() {
+    let cases = std::env::var("CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000usize);
+    type Mix = fn(&mut SimRng, usize) -> f64;
+    let mixes: [(&str, Mix); 3] = [
+        ("16-2016", |rng, _| 16.0 + rng.unit() * 2000.0),
+        ("16-256", |rng, _| 16.0 + rng.unit() * 240.0),
+        ("32|256", |_, i| if i % 2 == 0 { 32.0 } else { 256.0 }),
+    ];
+    for weight in [10.0, 2.0] {
+        for right in [false, true] {
+            for (mix_name, mix) in mixes {
+                let mut runner = proptest::test_runner::TestRunner::deterministic();
+                let strategy = (prior_strategy(), ratio(), overhead(), any::<u64>());
+                let stops = [5usize, 10, 25, 50, 100];
+                let mut errors: Vec<Vec<f64>> = vec![Vec::new(); stops.len()];
+                for _ in 0..cases {
+                    let tree = strategy.new_tree(&mut runner).unwrap();
+                    let ((prior, slots, kv), r, o, seed) =
+                        proptest::strategy::ValueTree::current(&tree);
+                    let truth = if right {
+                        prior
+                    } else {
+                        truth_of(&prior, [r, 1.0, 1.0, 1.0], o)
+                    };
+                    let settings = CalibratorSettings {
+                        prior_weight: weight,
+                        ..CalibratorSettings::default()
+                    };
+                    let mut cal =
+                        LatencyCalibrator::with_settings(&profile(prior, slots, kv), settings)
+                            .unwrap();
+                    let mut rng = SimRng::new(seed);
+                    let mut k = 0;
+                    for i in 0..*stops.last().unwrap() {
+                        let p = mix(&mut rng, i);
+                        let noise = 0.05 * (2.0 * rng.unit() - 1.0);
+                        let jitter = 0.005 * (2.0 * rng.unit() - 1.0);
+                        let seconds = (truth.prefill_s(p) * (1.0 + noise) + jitter).max(1e-4);
+                        cal.observe_prefill(p, seconds).unwrap();
+                        if i + 1 == stops[k] {
+                            let m = cal.model();
+                            let mut eval = SimRng::derive(seed, 3);
+                            let err = (0..100)
+                                .map(|j| {
+                                    let p = mix(&mut eval, j);
+                                    rel(m.prefill_s(p), truth.prefill_s(p))
+                                })
+                                .sum::<f64>()
+                                / 100.0;
+                            errors[k].push(err);
+                            k += 1;
+                        }
+                    }
+                }
+                let row: Vec<String> = stops
+                    .iter()
+                    .zip(&mut errors)
+                    .map(|(n, v)| {
+                        v.sort_by(f64::total_cmp);
+                        let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
+                        format!("n={n}: {:.1}/{:.1}", at(0.5) * 100.0, at(0.95) * 100.0)
+                    })
+                    .collect();
+                eprintln!(
+                    "weight {weight:>4}, {:<11} {mix_name:<8} {}",
+                    if right { "prior right" } else { "prior off" },
+                    row.join("  ")
+                );
+            }
+        }
+    }
 }
