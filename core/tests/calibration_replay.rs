@@ -3,6 +3,7 @@
 //! `llama-server`, 4 slots) in HIL scenario 10, checked in as `data/hil10-calibration.txt`.
 //! This checks the calibrator on a real engine's noise, with the daemon's own filters, without
 //! the engine: it is what the scenario asserts of the calibration, made reproducible.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use qosroute_core::{CalibratorSettings, ExpertProfile, LatencyCalibrator, LatencyModel};
 
@@ -96,14 +97,15 @@ fn the_replay_reproduces_the_run() {
     );
 }
 
-/// The scenario's checks, on the replay: each term within its tolerance of the server
-/// measured directly, and at most half the prior's error (the prior is about 50 % off).
-/// Measured: prefill rate 1.5 %, time to first token of the short prompt 3.7 %, t0 14.1 %,
-/// d 5.7 %. Before the prefill prior spoke of prompts spread over 0-512 tokens and before a
-/// pending prefill was left out of the decode batch, the same scenario measured 21.6-29 %,
-/// 28.9-45.4 %, 9.3-28.2 % and 1.2-16.6 % (hil-tests/README.md).
+/// The scenario's checks, on the replay: the prefill rate, the short prompt's time to first
+/// token (here against alone, which this run's reference met), `t0` and `d` each within its
+/// tolerance of the server measured directly, and at most half the prior's error (the prior
+/// is about 50 % off; `e` the run cannot tell apart, as in the scenario). Measured: 1.5, 3.7,
+/// 14.1 and 5.7 %. Before the prefill prior spoke of prompts spread over 0-512 tokens and
+/// before a pending prefill was left out of the decode batch, five runs of the scenario
+/// measured 15.3-29.0, 28.9-63.9, 9.3-28.2 and 1.2-16.6 % (hil-tests/README.md).
 #[test]
-fn the_replay_converges_on_every_term() {
+fn the_replay_meets_the_scenarios_tolerances() {
     let cal = replayed();
     let (m, prior, reference) = (cal.model(), cal.prior(), header_model("reference"));
     let ttft = |l: &LatencyModel| l.prefill_s(32.0);

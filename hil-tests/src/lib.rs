@@ -104,7 +104,7 @@ pub const SCENARIOS: [(u8, &str, &str); 11] = [
     (
         10,
         "batching-expert",
-        "a continuous-batching llama-server (4 slots) beside emulated experts: batched, every request once, every latency term calibrated (needs scripts/llama-server.sh install)",
+        "a continuous-batching llama-server (4 slots) beside emulated experts: batched, every request once, calibrated (prefill, t0, d; e reported) from a prior 2x off (needs scripts/llama-server.sh install)",
     ),
     (
         11,

@@ -74,6 +74,6 @@ async fn s9_a_real_llm_engine_serves_streams_and_is_calibrated_to_its_measured_s
 /// test`, which CI runs as `scripts/llama-server.sh ci` decides).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the batching engine: bash scripts/llama-server.sh install"]
-async fn s10_a_batching_engine_gets_several_requests_at_once_and_every_term_is_calibrated() {
+async fn s10_a_batching_engine_gets_several_requests_at_once_and_is_calibrated() {
     scenario(10).await;
 }

@@ -40,6 +40,13 @@ const OUTPUT: u32 = 96;
 /// must batch on it or route around it.
 const REQUESTS: usize = 90;
 const RATE: f64 = 1.0;
+/// The first requests come slower, so that the server also decodes alone or in pairs: `t0`,
+/// the step of one sequence, is a term to calibrate, and at `RATE` alone the server ran 3-4
+/// requests almost all the time (4 in 60-75 % of the samples), so `t0` was an extrapolation
+/// from batches of 2.5-4 that moved 9-28 % between runs while `d` stayed within 1-6 %.
+/// (A gateway's experts are quiet at times too.)
+const QUIET_REQUESTS: usize = 10;
+const QUIET_RATE: f64 = 1.0 / 3.0;
 /// SLO, seconds per output token from receipt to the last token: the server meets it with
 /// two or three requests in its batch (40 ms steps plus the prefill stalls of those that
 /// join), not with a full batch of four joined by a fifth.
@@ -52,15 +59,25 @@ const OPTIMISM: f64 = 2.0;
 /// a guess, so little.
 const PRIOR_WEIGHT: f64 = 2.0;
 /// Direct measurements of the server, before and after the run, averaged into the reference:
-/// requests alone, rounds of three requests at once, and requests alone with the long prompt.
+/// requests alone, rounds of three requests at once, requests alone with the long prompt, and
+/// rounds of a short prompt joining three requests that decode.
 const PROBES: usize = 3;
 const TRIPLE_ROUNDS: usize = 2;
 const LONG_PROBES: usize = 2;
+const JOINED_ROUNDS: usize = 2;
 /// After the run, the calibrated model must be within these relative errors of the reference
 /// (and within half the prior's error):
 /// - the prefill rate (from the time to first token at two prompt lengths; noisy: HTTP, the
 ///   other core's load, a prefill that shares its iteration with another or waits for the
-///   running step) and the time to first token of the short prompt alone;
+///   running step) and the time to first token of the short prompt, against the range from
+///   alone to joining three requests that decode. On this server a prompt's prefill is
+///   slower the more sequences it joins (it shares its iteration with their decode tokens
+///   and llama.cpp's attention spans the KV cells of every sequence): measured 2026-12-07, a
+///   short prompt's own prefill in the run took 400-440 ms beside no other request and
+///   450-640 ms beside two to five, against 375-510 ms alone measured directly. The latency
+///   model's prefill has no term for the batch it joins, so one prefill time stands for all
+///   of them and the calibrator learns the run's mix: within the tolerance of that range is
+///   right; alone is reported.
 const PREFILL_TOLERANCE: f64 = 0.25;
 /// - `t0`, the step of one sequence (steady: 15 %, as scenario 9);
 const T0_TOLERANCE: f64 = 0.15;
@@ -68,10 +85,12 @@ const T0_TOLERANCE: f64 = 0.15;
 ///   from requests whose batch changes while they run (the daemon averages the batch over
 ///   each answer), so looser.
 const D_TOLERANCE: f64 = 0.25;
-/// - `e`, when the run can tell it apart: its direct measurement is the difference of two
-///   steps alone (short and long prompt) 2-3 ms apart, each +-0.5 ms on a shared core, so
-///   itself uncertain by about a third.
-const E_TOLERANCE: f64 = 0.5;
+// - `e` is reported, not checked: this run cannot tell it apart. The context per sequence
+//   moves with the batch, and over run K's 56 decode-step observations (2026-12-07) least
+//   squares with `e` free gives it a standard error of about 30 us/token, against
+//   values of 0-17 us/token from the direct measurements (themselves the difference of two
+//   steps alone 0-4 ms apart, each +-0.5-1 ms on a shared core). The calibrator keeps it near
+//   its prior, as it should keep a term no observation excites.
 
 /// The client the scenario measures the server with (generous timeouts: a request may wait
 /// behind others).
@@ -102,6 +121,8 @@ struct Probes {
     alone: Vec<Measured>,
     triple: Vec<Measured>,
     long: Vec<Measured>,
+    /// The short prompts that joined three decoding requests.
+    joined: Vec<Measured>,
 }
 
 impl Probes {
@@ -126,7 +147,34 @@ impl Probes {
             p.long
                 .push(measure_one(client, &format!("{tag}-long-{i}"), LONG_PROMPT).await?);
         }
+        // Three short prompts prefill in one iteration (about three times one alone); the
+        // fourth comes once they decode, well before their 96 tokens end (3-5 s).
+        let join_after = Duration::from_secs_f64(3.0 * p.ttft_alone() + 0.5);
+        for round in 0..JOINED_ROUNDS {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..3 {
+                let client = client.clone();
+                let tag = format!("{tag}-running-{round}-{i}");
+                set.spawn(async move { measure_one(&client, &tag, PROMPT).await });
+            }
+            tokio::time::sleep(join_after).await;
+            let joiner = measure_one(client, &format!("{tag}-joining-{round}"), PROMPT).await;
+            while let Some(m) = set.join_next().await {
+                m.context("a concurrent probe panicked")??;
+            }
+            p.joined.push(joiner?);
+        }
         Ok(p)
+    }
+
+    /// Mean time to first token of the short prompt alone.
+    fn ttft_alone(&self) -> f64 {
+        mean(self.alone.iter().map(|m| m.ttft_s))
+    }
+
+    /// Mean time to first token of a short prompt joining three decoding requests.
+    fn ttft_joined(&self) -> f64 {
+        mean(self.joined.iter().map(|m| m.ttft_s))
     }
 
     fn merged(&self, other: &Self) -> Self {
@@ -135,6 +183,7 @@ impl Probes {
             alone: join(&self.alone, &other.alone),
             triple: join(&self.triple, &other.triple),
             long: join(&self.long, &other.long),
+            joined: join(&self.joined, &other.joined),
         }
     }
 
@@ -170,15 +219,21 @@ impl Probes {
 
     fn describe(&self) -> String {
         let ms = |v: &[Measured], f: fn(&Measured) -> f64| mean(v.iter().map(f)) * 1e3;
-        let all = self.alone.iter().chain(&self.triple).chain(&self.long);
+        let all = self
+            .alone
+            .iter()
+            .chain(&self.triple)
+            .chain(&self.long)
+            .chain(&self.joined);
         let tokens = all.map(|m| m.tokens).min().unwrap_or(0);
         format!(
-            "alone: TTFT {:.0} ms, step {:.2} ms; three at once: step {:.2} ms; {LONG_PROMPT}-token prompt alone: TTFT {:.0} ms, step {:.2} ms (answers of {tokens}+ tokens)",
+            "alone: TTFT {:.0} ms, step {:.2} ms; three at once: step {:.2} ms; {LONG_PROMPT}-token prompt alone: TTFT {:.0} ms, step {:.2} ms; joining three: TTFT {:.0} ms (answers of {tokens}+ tokens)",
             ms(&self.alone, |m| m.ttft_s),
             ms(&self.alone, |m| m.step_s),
             ms(&self.triple, |m| m.step_s),
             ms(&self.long, |m| m.ttft_s),
             ms(&self.long, |m| m.step_s),
+            ms(&self.joined, |m| m.ttft_s),
         )
     }
 }
@@ -191,6 +246,17 @@ fn context_per_sequence() -> f64 {
 /// A model's time to first token of the short prompt, alone.
 fn ttft(l: &LatencyModel) -> f64 {
     l.prefill_overhead_s + f64::from(PROMPT) / l.prefill_tok_s
+}
+
+/// How far `x` is outside `[lo, hi]`, relative to the nearer end (0 inside).
+fn range_error(x: f64, lo: f64, hi: f64) -> f64 {
+    if x < lo {
+        relative_error(x, lo)
+    } else if x > hi {
+        relative_error(x, hi)
+    } else {
+        0.0
+    }
 }
 
 /// The most intervals `[start, end)` open at once.
@@ -243,18 +309,20 @@ fn sample_load(
 /// its model says the batch keeps them within it). The daemon starts from a latency prior wrong
 /// on every term by a factor of 2 (prefill rate twice as fast, its fixed part and `t0`, `d`,
 /// `e` half of what the server measured directly first) worth 2 observations; 90 requests
-/// (unique prompts of 32 and 256 tokens in turn, 96-token answers) at 1/s, above the server's
-/// capacity one request at a time, from 4 devices, SLO 100 ms per token (about two minutes,
-/// plus 40 s of direct measurements).
+/// (unique prompts of 32 and 256 tokens in turn, 96-token answers), the first 10 at one every
+/// 3 s (the server also decodes alone), then at 1/s, above the server's capacity one request
+/// at a time, from 4 devices, SLO 100 ms per token (about two minutes, plus 60 s of direct
+/// measurements).
 ///
 /// Asserts: every request ends exactly once; errors only `no_expert`; the real expert served
 /// at least 10 requests, each streamed; the server had at least 2 requests processing at once
 /// (its own `/metrics`, sampled every 100 ms); after the run the calibrated prefill rate, time
 /// to first token (short prompt), `t0` and `d` are within 25, 25, 15 and 25 % of direct
-/// measurements before and after the run (alone at both prompt lengths, and three requests at
-/// once for `d = (step3 - step1 - 2 e C) / 2`), each at most half the prior's error; `e` is
-/// compared and reported, checked only when the run can tell it apart (see the body); the
-/// trajectory of the coefficients is a figure; the daemon exits 0 on SIGTERM.
+/// measurements before and after the run (alone at both prompt lengths, three requests at
+/// once for `d = (step3 - step1 - 2 e C) / 2`, and for the time to first token the range from
+/// alone to joining three decoding requests), each at most half the prior's error; `e` is
+/// compared and reported, not checked (the run cannot tell it apart); the trajectory of the
+/// coefficients is a figure; the daemon exits 0 on SIGTERM.
 pub async fn batching_expert(scale: Scale) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut report = Report::new(10, "batching-expert", scale);
@@ -331,7 +399,15 @@ pub async fn batching_expert(scale: Scale) -> anyhow::Result<Report> {
     // The run, with the daemon's model of the real expert sampled every second and the
     // server's own load every 100 ms.
     let n = scale.n(REQUESTS);
+    let quiet = scale.n(QUIET_REQUESTS);
     let mut plan = rig::steady_requests(n, RATE, Task::Chat, PROMPT, OUTPUT);
+    for (i, r) in plan.iter_mut().enumerate() {
+        r.arrival_s = if i < quiet {
+            i as f64 / QUIET_RATE
+        } else {
+            quiet as f64 / QUIET_RATE + (i - quiet) as f64 / RATE
+        };
+    }
     for r in plan.iter_mut().skip(1).step_by(2) {
         r.prompt_tokens = LONG_PROMPT;
     }
@@ -371,7 +447,9 @@ pub async fn batching_expert(scale: Scale) -> anyhow::Result<Report> {
     trajectory.push((run_s, calibrated));
     let after = Probes::take(&client, "probe-after").await?;
     let measured_after = after.model();
-    let reference = before.merged(&after).model();
+    let merged = before.merged(&after);
+    let reference = merged.model();
+    let ttft_joined = merged.ttft_joined();
 
     let s = run.summary();
     report.swarm_figures("", &s);
@@ -499,7 +577,7 @@ pub async fn batching_expert(scale: Scale) -> anyhow::Result<Report> {
             "ms",
         ),
         (
-            "time to first token",
+            "time to first token alone",
             ttft(&prior),
             ttft(&calibrated),
             ttft(&reference),
@@ -548,20 +626,16 @@ pub async fn batching_expert(scale: Scale) -> anyhow::Result<Report> {
         errors.push((name, pe, ce));
     }
     // `e` is told apart from `t0` and `d` only when the context per sequence varies: by the
-    // two prompt lengths and the tokens generated so far. `e` times that spread is what the
-    // run could learn of it; below the step's own tolerance it is noise.
+    // two prompt lengths and the tokens generated so far. `e` times that spread is what it
+    // adds to a step between the run's operating points (see the tolerances for why it is
+    // not checked).
     let spread = f64::from(LONG_PROMPT - PROMPT + OUTPUT);
     let e_share = reference.decode_e_s_per_ctx_token * spread / reference.decode_t0_s;
     report.figure(
         "e's share of a step over the run's context spread",
         format!(
-            "{} of t0 (e x {spread} tokens): {}",
+            "{} of t0 (e x {spread} tokens): reported, not checked (the run cannot tell e apart)",
             percent(e_share),
-            if e_share >= T0_TOLERANCE {
-                "checked"
-            } else {
-                "below the step's tolerance: reported, not checked"
-            }
         ),
     );
 
@@ -584,19 +658,40 @@ pub async fn batching_expert(scale: Scale) -> anyhow::Result<Report> {
             load.len()
         ),
     );
+    // The time to first token against the range the server's own ranges over (see
+    // `PREFILL_TOLERANCE`): from alone to joining three requests that decode.
+    let (lo, hi) = (ttft(&reference), ttft_joined.max(ttft(&reference)));
+    let (pe, ce) = (
+        range_error(ttft(&prior), lo, hi),
+        range_error(ttft(&calibrated), lo, hi),
+    );
+    report.figure(
+        "time to first token: prior -> calibrated (measured alone - joining three)",
+        format!(
+            "{:.0} -> {:.0} ms ({:.0} - {:.0}): error {} -> {}",
+            ttft(&prior) * 1e3,
+            ttft(&calibrated) * 1e3,
+            lo * 1e3,
+            hi * 1e3,
+            percent(pe),
+            percent(ce)
+        ),
+    );
+    errors.push(("time to first token", pe, ce));
     for (name, pe, ce) in errors {
-        let tolerance = match name {
-            "prefill rate" | "time to first token" => PREFILL_TOLERANCE,
-            "t0" => T0_TOLERANCE,
-            "d" => D_TOLERANCE,
-            "e" if e_share >= T0_TOLERANCE => E_TOLERANCE,
+        let (tolerance, against) = match name {
+            "prefill rate" => (PREFILL_TOLERANCE, "measured"),
+            "time to first token" => (PREFILL_TOLERANCE, "the range measured"),
+            "t0" => (T0_TOLERANCE, "measured"),
+            "d" => (D_TOLERANCE, "measured"),
             // The fixed part is learned with the rate (reported); its effect is the time to
-            // first token, checked.
+            // first token, checked; alone, it is reported. `e`: reported (see the
+            // tolerances).
             _ => continue,
         };
         report.check(
             format!(
-                "calibrated {name} within {} of measured, at most half the prior's error",
+                "calibrated {name} within {} of {against}, at most half the prior's error",
                 percent(tolerance)
             ),
             ce <= tolerance && ce <= pe / 2.0,
@@ -624,6 +719,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_time_is_judged_against_the_range_of_its_nearer_end() {
+        assert_eq!(range_error(0.45, 0.4, 0.6), 0.0, "inside");
+        assert_eq!(range_error(0.4, 0.4, 0.6), 0.0, "at an end");
+        assert!(
+            (range_error(0.3, 0.4, 0.6) - 0.25).abs() < 1e-12,
+            "below: 0.1 / 0.4"
+        );
+        assert!(
+            (range_error(0.75, 0.4, 0.6) - 0.25).abs() < 1e-12,
+            "above: 0.15 / 0.6"
+        );
+    }
+
+    #[test]
     fn overlap_counts_what_is_open_at_once() {
         assert_eq!(peak_overlap(&[]), 0);
         assert_eq!(peak_overlap(&[(0.0, 1.0), (1.0, 2.0)]), 1);
@@ -641,7 +750,10 @@ mod tests {
             alone: vec![m(0.5, 0.012)],
             triple: vec![m(1.5, 0.030)],
             long: vec![m(3.0, 0.012)],
+            joined: vec![m(0.6, 0.035), m(0.7, 0.035)],
         };
+        assert_eq!(p.ttft_alone(), 0.5);
+        assert!((p.ttft_joined() - 0.65).abs() < 1e-12);
         let l = p.model();
         assert!((l.decode_d_s_per_seq - 0.009).abs() < 1e-12);
         assert!((l.decode_t0_s - 0.012).abs() < 1e-12);
