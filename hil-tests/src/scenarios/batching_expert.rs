@@ -115,7 +115,23 @@ async fn measure_one(client: &ExpertClient, tag: &str, prompt: u32) -> anyhow::R
     measure(client, request, OUTPUT / 2).await
 }
 
-/// The server measured directly: requests alone, rounds of three at once, long prompts alone.
+/// Three requests with the short prompt sent at once (`{tag}-0` to `-2`), each measured.
+async fn three_at_once(client: &ExpertClient, tag: &str) -> anyhow::Result<Vec<Measured>> {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..3 {
+        let client = client.clone();
+        let tag = format!("{tag}-{i}");
+        set.spawn(async move { measure_one(&client, &tag, PROMPT).await });
+    }
+    let mut measured = Vec::with_capacity(3);
+    while let Some(m) = set.join_next().await {
+        measured.push(m.context("a concurrent probe panicked")??);
+    }
+    Ok(measured)
+}
+
+/// The server measured directly: requests alone, rounds of three at once, long prompts alone,
+/// and short prompts joining three that decode.
 #[derive(Debug, Clone, Default)]
 struct Probes {
     alone: Vec<Measured>,
@@ -133,15 +149,8 @@ impl Probes {
                 .push(measure_one(client, &format!("{tag}-alone-{i}"), PROMPT).await?);
         }
         for round in 0..TRIPLE_ROUNDS {
-            let mut set = tokio::task::JoinSet::new();
-            for i in 0..3 {
-                let client = client.clone();
-                let tag = format!("{tag}-triple-{round}-{i}");
-                set.spawn(async move { measure_one(&client, &tag, PROMPT).await });
-            }
-            while let Some(m) = set.join_next().await {
-                p.triple.push(m.context("a concurrent probe panicked")??);
-            }
+            p.triple
+                .extend(three_at_once(client, &format!("{tag}-triple-{round}")).await?);
         }
         for i in 0..LONG_PROBES {
             p.long
@@ -151,17 +160,14 @@ impl Probes {
         // fourth comes once they decode, well before their 96 tokens end (3-5 s).
         let join_after = Duration::from_secs_f64(3.0 * p.ttft_alone() + 0.5);
         for round in 0..JOINED_ROUNDS {
-            let mut set = tokio::task::JoinSet::new();
-            for i in 0..3 {
-                let client = client.clone();
-                let tag = format!("{tag}-running-{round}-{i}");
-                set.spawn(async move { measure_one(&client, &tag, PROMPT).await });
-            }
-            tokio::time::sleep(join_after).await;
-            let joiner = measure_one(client, &format!("{tag}-joining-{round}"), PROMPT).await;
-            while let Some(m) = set.join_next().await {
-                m.context("a concurrent probe panicked")??;
-            }
+            let running_tag = format!("{tag}-running-{round}");
+            let running = three_at_once(client, &running_tag);
+            let joining = async {
+                tokio::time::sleep(join_after).await;
+                measure_one(client, &format!("{tag}-joining-{round}"), PROMPT).await
+            };
+            let (running, joiner) = tokio::join!(running, joining);
+            running?;
             p.joined.push(joiner?);
         }
         Ok(p)
