@@ -129,8 +129,10 @@ pub fn foreign_in_flight(i: usize) -> InFlight {
 /// long iteration, as llama.cpp does), and the daemon takes those gaps out of an answer's
 /// mean step (its stalls). Counting the prompt in the batch through its wait and prefill
 /// would put a batch one larger than the one that decoded on the stall's share of the
-/// answer (measured in HIL scenario 10: answers on a 4-slot server spend a quarter to a third
-/// of their time behind other prompts' prefills).
+/// answer (in HIL scenario 10 a joining prompt's prefill took 0.4-2 s, against answers of
+/// 4-5 s on the 4-slot server). The flip side: a request that the engine queues
+/// while the ledger counts it in a slot (a configured `max_slots` above the engine's) is a
+/// pending prefill for as long as it waits, and the decode steps of that time teach nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RunningIntegrals {
     /// ∫ requests holding a slot dt over the time no prefill was pending, request-seconds
