@@ -129,8 +129,8 @@ EOF
     run_scenario
 }
 
+# HIL scenario 10 against the installed engine (callers install first).
 run_scenario() {
-    install
     export QOSROUTE_LLAMA_SERVER_DIR="$DIR"
     local target="${CARGO_TARGET_DIR:-$PWD/target}"
     log "HIL scenario 10 (the batching engine beside emulated experts, behind the real daemon)"
@@ -150,7 +150,7 @@ run_scenario() {
 case "${1:-}" in
     install) install ;;
     test) run_tests ;;
-    scenario) run_scenario ;;
+    scenario) install && run_scenario ;;
     ci)
         if cached; then
             log "the batching engine is cached in $DIR: running its checks"

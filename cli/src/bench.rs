@@ -324,7 +324,7 @@ struct E2eReport {
 mod stubs;
 use stubs::*;
 
-mod devices;
+pub(crate) mod devices;
 use devices::*;
 
 // ---------------------------------------------------------------------------------------------

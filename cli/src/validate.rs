@@ -34,11 +34,12 @@ use qosroute_sim::workload::{WorkloadSources, synthesize};
 use qosroute_sim::{Catalogue, QualityTable, Simulation, Workload, WorkloadSpec};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::bench::devices::device_options;
 use crate::demo::{ChildGuard, DaemonProcess, check_config, free_port, spawn_daemon, toml_str};
 use crate::plot::{BarSeries, SweepCurve, grouped_bars, sweep_curves};
 use crate::profile::{Target, Tokenization, calibrate, synth_prompt};
@@ -627,15 +628,7 @@ async fn replay(
     let tag = format!("{:x}", std::process::id());
     for k in 0..args.devices {
         let name = format!("validate-{tag}-{k}");
-        let mut options = MqttOptions::new(&name, host.clone(), port);
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_start(true)
-            .set_max_packet_size(Some(256 * 1024))
-            .set_outgoing_inflight_upper_limit(1024);
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        options.set_network_options(network);
+        let options = device_options(&name, host.clone(), port);
         let (client, mut eventloop) = AsyncClient::new(options, 4096);
         let response_topic = format!("qosroute/v1/{SITE}/resp/{name}");
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();

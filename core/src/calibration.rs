@@ -177,6 +177,10 @@ const PREFILL_PSEUDO_OBSERVATION: [[f64; 2]; 2] = [[1.0, 0.5], [0.5, 1.0 / 3.0]]
 /// normalised coefficient.
 const DECODE_PSEUDO_OBSERVATION: [[f64; 3]; 3] =
     [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+/// A request's own prefill measured under this share of the latency model's prediction came
+/// with a first token ahead of it (the engine prefilled both in one iteration): the caller
+/// learns nothing from it (the daemon's router, and the replay of its observations).
+pub const PREFILL_MIN_SHARE_OF_PREDICTED: f64 = 0.25;
 /// Shortest time an observation may report, seconds (100 ns); shorter is rejected as
 /// implausible.
 pub const MIN_SECONDS: f64 = 1.0e-7;

@@ -249,7 +249,7 @@ impl ExpertLedger {
         id: RequestId,
         now_s: f64,
     ) -> Option<(f64, f64)> {
-        self.entries.iter().find(|d| d.id == id)?.first_token_s?;
+        // A request has a mark from its first token to its finish.
         let mark = self.first_token_marks.iter().find(|(m, _)| *m == id)?.1;
         self.settle_integrals(now_s);
         let dt = self.integrals.decoding_s - mark.decoding_s;

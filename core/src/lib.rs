@@ -33,7 +33,7 @@ mod testing;
 pub use baselines::{BASELINE_NAMES, UnknownPolicy, baseline, is_planner};
 pub use calibration::{
     CalibrationAccuracy, CalibrationCounts, CalibratorSettings, InvalidCalibrator,
-    LatencyCalibrator, RejectedObservation,
+    LatencyCalibrator, PREFILL_MIN_SHARE_OF_PREDICTED, RejectedObservation,
 };
 pub use encoder::{EncodedState, encode_state};
 pub use engine::{EngineEvent, ExpertEngine, Job};

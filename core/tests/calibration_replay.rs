@@ -5,13 +5,12 @@
 //! the engine: it is what the scenario asserts of the calibration, made reproducible.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use qosroute_core::{CalibratorSettings, ExpertProfile, LatencyCalibrator, LatencyModel};
+use qosroute_core::{
+    CalibratorSettings, ExpertProfile, LatencyCalibrator, LatencyModel,
+    PREFILL_MIN_SHARE_OF_PREDICTED,
+};
 
 const OBSERVATIONS: &str = include_str!("data/hil10-calibration.txt");
-
-/// The daemon learns nothing from a prefill measured under this share of the model's
-/// prediction (`PREFILL_MIN_SHARE_OF_PREDICTED` of the daemon's router).
-const PREFILL_MIN_SHARE_OF_PREDICTED: f64 = 0.25;
 
 /// The model on the header line starting with `key`:
 /// `<key> <rate> tok/s + <a> s, t0 <t0> s, d <d> s[, e <e>]`.

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use qosroute_core::{
     ArrivalWindow, ArrivingRequest, Decision, ExpertOutputLengths, ExpertProfile,
-    InvalidQualityPrior, LatencyCalibrator, Observed, OnnxPolicy, PlannerConfig, PlannerStats,
-    Policy, Prediction, QosPlanner, QualityBook, Request, Task, UnknownPolicy,
-    baselines::QosGreedy,
+    InvalidQualityPrior, LatencyCalibrator, Observed, OnnxPolicy, PREFILL_MIN_SHARE_OF_PREDICTED,
+    PlannerConfig, PlannerStats, Policy, Prediction, QosPlanner, QualityBook, Request, Task,
+    UnknownPolicy, baselines::QosGreedy,
 };
 use tokio::time::Instant;
 
@@ -21,9 +21,6 @@ use crate::prediction_error::PredictedLatency;
 const SLOW_DECISIONS_TO_DISABLE: u32 = 3;
 /// How long the model stays off after it was too slow.
 const SLOW_MODEL_PAUSE: Duration = Duration::from_secs(60);
-/// A request's own prefill measured under this share of the latency model's prediction came
-/// with a first token ahead of it (the engine prefilled both in one iteration): not learned.
-pub const PREFILL_MIN_SHARE_OF_PREDICTED: f64 = 0.25;
 /// Quality prior of a task the config gives no number for.
 pub const DEFAULT_QUALITY_PRIOR: f64 = 0.5;
 

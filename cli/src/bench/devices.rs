@@ -20,6 +20,22 @@ pub(super) fn broker_host_port(url: &str) -> anyhow::Result<(String, u16)> {
     Ok((host, port))
 }
 
+/// The MQTT 5 options of a load-generating device (`qosroute bench e2e`, `qosroute
+/// validate`): clean start, 256 KiB packets, up to 1,024 publishes in flight, TCP_NODELAY
+/// (without it a publish right after a PUBACK waits for the broker's delayed ACK).
+pub(crate) fn device_options(client_id: &str, host: String, port: u16) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, host, port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(true)
+        .set_max_packet_size(Some(256 * 1024))
+        .set_outgoing_inflight_upper_limit(1024);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    options.set_network_options(network);
+    options
+}
+
 pub(super) async fn connect_device(
     broker: &(String, u16),
     client_id: &str,
@@ -28,16 +44,7 @@ pub(super) async fn connect_device(
 ) -> anyhow::Result<Device> {
     let stop = CancellationToken::new();
     let stop_poller = stop.clone();
-    let mut options = MqttOptions::new(client_id, broker.0.clone(), broker.1);
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_start(true)
-        .set_max_packet_size(Some(256 * 1024))
-        .set_outgoing_inflight_upper_limit(1024);
-    // Without TCP_NODELAY a publish right after a PUBACK waits for the broker's delayed ACK.
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    options.set_network_options(network);
+    let options = device_options(client_id, broker.0.clone(), broker.1);
     let (client, mut eventloop) = AsyncClient::new(options, 4096);
     let (tx, inbox) = mpsc::unbounded_channel();
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();

@@ -37,22 +37,19 @@ impl<const N: usize> Rls<N> {
         }
     }
 
+    /// Forgets everything learned and starts again from `estimate`, worth `weight`
+    /// pseudo-observations of information `shape` each (a change of regime: the expert's
+    /// speed changed); the prior the floor pulls toward stays.
+    pub(super) fn restart_at(&mut self, estimate: [f64; N], weight: f64, shape: &[[f64; N]; N]) {
+        *self = Self {
+            prior: self.prior,
+            ..Self::new(estimate, weight, shape)
+        };
+    }
+
     /// Learns `y ~ z . theta` after discounting everything learned so far by `lambda`, with
     /// the prior's weight kept at `floor` at least; returns `false` (and changes nothing) if
     /// the result would not be finite.
-    /// Forgets everything learned and starts again from `estimate`, worth `weight`
-    /// pseudo-observations of information `shape` each (a change of regime: the expert's
-    /// speed changed).
-    pub(super) fn restart_at(&mut self, estimate: [f64; N], weight: f64, shape: &[[f64; N]; N]) {
-        for (row, shape_row) in self.info.iter_mut().zip(shape) {
-            for (cell, s) in row.iter_mut().zip(shape_row) {
-                *cell = weight * s;
-            }
-        }
-        self.info_y = mat_vec(&self.info, &estimate);
-        self.estimate = estimate;
-    }
-
     pub(super) fn update(&mut self, z: &[f64; N], y: f64, lambda: f64, floor: f64) -> bool {
         let mut info = self.info;
         let mut info_y = self.info_y;

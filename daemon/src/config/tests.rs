@@ -12,6 +12,16 @@ fn example() -> String {
         )
 }
 
+/// The keys of the problems `validate` finds in `text`.
+fn problem_keys(text: &str) -> Vec<String> {
+    Config::parse(text, "x")
+        .unwrap()
+        .validate()
+        .into_iter()
+        .map(|p| p.key)
+        .collect()
+}
+
 #[test]
 fn the_example_config_is_valid() {
     let c = Config::parse(&example(), "example").unwrap();
@@ -157,24 +167,14 @@ fn a_local_experts_device_is_checked_and_resolved() {
     let text = example()
         .replace("device = \"gpu\"", "device = \"tpu\"")
         .replace("host_busy_above = 0.9", "host_busy_above = 1.5");
-    let keys: Vec<String> = Config::parse(&text, "x")
-        .unwrap()
-        .validate()
-        .into_iter()
-        .map(|p| p.key)
-        .collect();
+    let keys = problem_keys(&text);
     assert!(keys.contains(&"expert[0].device".to_owned()), "{keys:?}");
     assert!(
         keys.contains(&"telemetry.host_busy_above".to_owned()),
         "{keys:?}"
     );
     let text = example().replace("local = true\n", "");
-    let keys: Vec<String> = Config::parse(&text, "x")
-        .unwrap()
-        .validate()
-        .into_iter()
-        .map(|p| p.key)
-        .collect();
+    let keys = problem_keys(&text);
     assert_eq!(
         keys,
         vec!["expert[0].device".to_owned()],

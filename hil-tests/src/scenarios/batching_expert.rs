@@ -201,7 +201,7 @@ impl Probes {
     /// (at least 0), `t0 = step alone - e * C`, `d = (step of three - step alone - 2 e C) / 2`
     /// (the batch of three has three times the context).
     fn model(&self) -> LatencyModel {
-        let ttft = mean(self.alone.iter().map(|m| m.ttft_s));
+        let ttft = self.ttft_alone();
         let ttft_long = mean(self.long.iter().map(|m| m.ttft_s));
         let step1 = mean(self.alone.iter().map(|m| m.step_s));
         let step3 = mean(self.triple.iter().map(|m| m.step_s));
